@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# One-command launcher of the project.
+#
+#   ./run.sh M [ARGS...]   train the Muon baseline (train_gpt_M.py) on every GPU of this machine
+#   ./run.sh A [ARGS...]   the same for the AdamW baseline (train_gpt_A.py)
+#   ./run.sh test          install what the tests need, run `python -m pytest -q tests`
+#
+# M/A install requirements.txt when an import fails, fetch the FineWeb shards the baseline
+# needs (data/cached_fineweb10B.py skips those present) and start torchrun with one process
+# per GPU; ARGS go to the training script. With no GPU they run the tiny preset on CPU on
+# the embedded sample (data/sample/) instead, without any download.
+#
+# Environment:
+#   PYTHON        interpreter (default: python3, else python)
+#   NGPU          processes per node (default: the GPUs `nvidia-smi -L` lists)
+#   NNODES>1      multi-node: also NODE_RANK, RDZV_ENDPOINT (host:port), RDZV_ID (default speedrun)
+#   TORCH_SPEC    what pip installs when `import torch` fails
+#                 (default: torch==2.13.0 for tests and CPU runs, torch for GPU runs)
+#   RUN_SH_DRY=1  print the commands (prefixed by "+") instead of running them
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "run.sh: no Python interpreter found ('$PYTHON'); set PYTHON=/path/to/python" >&2
+    exit 1
+fi
+
+# Needed on the lent H100/H200 machines (NVLink multicast off), harmless elsewhere.
+export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
+export TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
+export NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
+
+usage() {
+    cat <<'EOF'
+usage: ./run.sh M|A [ARGS...]   train the Muon (M) or AdamW (A) baseline on all GPUs
+                                (no GPU: tiny preset on CPU on data/sample/)
+       ./run.sh test            install test requirements and run the test suite
+environment: PYTHON, NGPU, NNODES/NODE_RANK/RDZV_ENDPOINT/RDZV_ID, TORCH_SPEC, RUN_SH_DRY=1
+EOF
+}
+
+dry() { [[ "${RUN_SH_DRY:-0}" == 1 ]]; }
+
+show() {
+    printf '+'
+    printf ' %q' "$@"
+    printf '\n'
+}
+
+# Run a command, or only print it under RUN_SH_DRY=1.
+run() {
+    if dry; then show "$@"; else "$@"; fi
+}
+
+# Replace this shell by the command (its exit code becomes ours), or print it under RUN_SH_DRY=1.
+launch() {
+    if dry; then show "$@"; exit 0; fi
+    exec "$@"
+}
+
+# Import names of requirements.txt that fail to import, space separated.
+missing_modules() {
+    "$PYTHON" - <<'EOF'
+import importlib
+import re
+
+missing = []
+for line in open("requirements.txt"):
+    name = line.split("#", 1)[0].strip()
+    if not name:
+        continue
+    module = re.split(r"[\s\[<>=!~;@]", name, maxsplit=1)[0].replace("-", "_").lower()
+    try:
+        importlib.import_module(module)
+    except Exception:
+        missing.append(module)
+print(" ".join(missing))
+EOF
+}
+
+# Install torch ($1) if it does not import, then requirements.txt if anything else is missing.
+ensure_requirements() {
+    local torch_spec="$1" out need_torch=0 module
+    local -a missing rest=()
+    out="$(missing_modules)"
+    read -r -a missing <<<"$out"
+    for module in "${missing[@]}"; do
+        if [[ "$module" == torch ]]; then need_torch=1; else rest+=("$module"); fi
+    done
+    if [[ "$need_torch" == 1 ]]; then
+        echo "run.sh: torch does not import; installing $torch_spec" >&2
+        run "$PYTHON" -m pip install "$torch_spec"
+    fi
+    if [[ "${#rest[@]}" -gt 0 ]]; then
+        echo "run.sh: missing Python packages: ${rest[*]}; installing requirements.txt" >&2
+        run "$PYTHON" -m pip install -r requirements.txt
+    fi
+}
+
+count_gpus() {
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
+    else
+        echo 0
+    fi
+}
+
+train() {
+    local variant="$1"
+    shift
+    local script="train_gpt_${variant}.py"
+    local ngpu="${NGPU:-$(count_gpus)}"
+    if ! [[ "$ngpu" =~ ^[0-9]+$ ]]; then
+        echo "run.sh: NGPU must be a number, not '$ngpu'" >&2
+        exit 2
+    fi
+    if [[ "$ngpu" -eq 0 ]]; then
+        echo "run.sh: no GPU found (no nvidia-smi, or it lists no GPU): running the tiny preset of $script on CPU on the embedded sample (data/sample/), no download." >&2
+        ensure_requirements "${TORCH_SPEC:-torch==2.13.0}"
+        launch "$PYTHON" "$script" --preset=tiny "$@"
+    fi
+    local -a torchrun
+    if command -v torchrun >/dev/null 2>&1; then
+        torchrun=(torchrun)
+    else
+        torchrun=("$PYTHON" -m torch.distributed.run)
+    fi
+    local nnodes="${NNODES:-1}"
+    if [[ "$nnodes" =~ ^[0-9]+$ && "$nnodes" -gt 1 ]]; then
+        : "${NODE_RANK:?run.sh: NNODES=$nnodes needs NODE_RANK (rank of this node, 0..NNODES-1)}"
+        : "${RDZV_ENDPOINT:?run.sh: NNODES=$nnodes needs RDZV_ENDPOINT (host:port of the rendezvous, e.g. node 0)}"
+        torchrun+=(--nnodes="$nnodes" --node_rank="$NODE_RANK" --rdzv-backend=c10d
+            --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-speedrun}")
+    else
+        torchrun+=(--standalone)
+    fi
+    ensure_requirements "${TORCH_SPEC:-torch}"
+    run "$PYTHON" data/cached_fineweb10B.py --baseline "$variant"
+    echo "run.sh: $script on $ngpu GPU(s) per node, $nnodes node(s)" >&2
+    launch "${torchrun[@]}" --nproc_per_node="$ngpu" "$script" "$@"
+}
+
+case "${1:-}" in
+    M | A)
+        variant="$1"
+        shift
+        train "$variant" "$@"
+        ;;
+    test)
+        shift
+        ensure_requirements "${TORCH_SPEC:-torch==2.13.0}"
+        launch "$PYTHON" -m pytest -q tests "$@"
+        ;;
+    -h | --help)
+        usage
+        ;;
+    *)
+        usage >&2
+        exit 2
+        ;;
+esac
