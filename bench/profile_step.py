@@ -1,0 +1,100 @@
+"""Where the time of one training step goes: torch.profiler over a few steps of a baseline
+at full size on random documents, the GPU kernels grouped by kind.
+
+    python bench/profile_step.py M [--steps 5] [--seq_len 65536] [--top 25]
+
+The model, its compilation and the optimizers are the script's own (loaded as a module).
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = [  # first match wins: substrings of kernel names
+    ("flex-attention", ("flex", "attention")),
+    ("matmul (gemm)", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
+    ("Newton-Schulz/optimizer", ("adam", "foreach", "lerp")),
+    ("fused elementwise (triton)", ("triton_",)),
+    ("copies", ("copy", "memcpy", "memset", "fill")),
+]
+
+
+def load_script(baseline: str):
+    spec = importlib.util.spec_from_file_location(f"train_gpt_{baseline}", os.path.join(ROOT, f"train_gpt_{baseline}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def documents(n: int, rng: np.random.Generator, eot: int) -> torch.Tensor:
+    """Random tokens in documents of log-normal length (mean about 670, as FineWeb)."""
+    tokens = rng.integers(0, eot, n + 1)
+    starts = np.cumsum(rng.lognormal(6.0, 1.0, n // 100).astype(np.int64) + 1)
+    tokens[starts[starts < n]] = eot
+    tokens[0] = eot
+    return torch.from_numpy(tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("baseline", choices=["A", "M"])
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 5 warm-up steps)")
+    parser.add_argument("--seq_len", type=int, default=65536, help="tokens per step")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_step.py needs a CUDA GPU")
+    script = load_script(args.baseline)
+    cfg = script.parse_config([f"--seq_len={args.seq_len}", f"--batch_tokens={args.seq_len}"])
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = script.GPT(cfg).to(device=device, dtype=torch.bfloat16)
+    optimizers, set_schedule = script.build_optimizers(cfg, model, 0, 1)
+    compiled = torch.compile(model, dynamic=False)
+    rng = np.random.default_rng(0)
+    batches = [documents(args.seq_len, rng, script.EOT_TOKEN).to(device) for _ in range(4)]
+
+    def step(i: int) -> None:
+        window = batches[i % len(batches)]
+        compiled(window[:-1], window[1:]).backward()
+        set_schedule(i)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    for i in range(5):
+        step(i)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(i)
+    torch.cuda.synchronize()
+    plain_ms = 1000 * (time.perf_counter() - start) / args.steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(args.steps):
+            step(i)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events) / 1000 / args.steps
+    by_kind: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, keys in KINDS if any(s in name for s in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1000 / args.steps
+    print(f"{args.baseline}: {plain_ms:.1f} ms per step (wall, unprofiled), {total:.1f} ms of GPU kernels per step")
+    print(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB")
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:28s} {ms:7.1f} ms  {100 * ms / total:5.1f}%")
+    print(f"top {args.top} kernels (ms per step, calls per step):")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.top]:
+        print(f"  {e.self_device_time_total / 1000 / args.steps:7.2f}  {e.count // args.steps:4d}  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
