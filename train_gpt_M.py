@@ -72,6 +72,10 @@ class Config:
     # evaluation and logging
     val_loss_every: int = 125  # steps between validations; 0 = only at the end
     log_dir: str = "logs"  # folder of the run logs
+    # checkpoints
+    checkpoint_every: int = 0  # steps between checkpoints, also written at the end; 0 = none
+    checkpoint_dir: str = "checkpoints"  # folder of checkpoint files
+    resume: str = ""  # checkpoint file to continue from
     # run
     seed: int = 0  # initial weights; the data order is fixed by the files
     compile: bool = True  # torch.compile the model (CUDA only)
@@ -213,6 +217,13 @@ class TrainLoader:
     def capacity(self) -> int:
         """Optimizer steps all the shards can serve, from their headers."""
         return sum(steps_in_shard(shard_token_count(f), self.batch_tokens) for f in self.files)
+
+    def seek(self, file_index: int, pos: int) -> None:
+        """Continue from a saved position: it counts global tokens, so any world size can take it up."""
+        if file_index >= len(self.files):
+            raise DataError(f"the saved data position is in shard {file_index + 1}, but only {len(self.files)} shard(s) match")
+        self.file_index, self.pos = file_index, pos
+        self.tokens = load_shard(self.files[file_index])
 
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
         while self.pos + self.batch_tokens + 1 > len(self.tokens):
@@ -620,6 +631,95 @@ class RunLog:
 
 
 # -----------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_FORMAT = 1  # layout version of the checkpoint file
+SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio", "tied_embed")
+CHECKPOINT_KEYS = ("format", "baseline", "script", "shape", "config", "model", "optimizers", "step", "train_ms", "val_losses", "loader", "rng")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from that is unreadable, truncated, or from another script or model shape."""
+
+
+def save_checkpoint(
+    path: str,
+    cfg: Config,
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    step: int,
+    train_ms: float,
+    val_losses: dict[int, float],
+    loader: TrainLoader,
+    device: torch.device,
+) -> None:
+    """Everything a resumed run needs, after `step` completed steps. Only tensors, containers and
+    plain numbers, so that torch.load(weights_only=True) reads it."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "baseline": BASELINE,
+        "script": os.path.basename(__file__),
+        "shape": {name: getattr(cfg, name) for name in SHAPE_FIELDS},
+        "config": dataclasses.asdict(cfg),
+        "model": model.state_dict(),
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "step": step,
+        "train_ms": train_ms,
+        "val_losses": dict(val_losses),
+        "loader": {"file_index": loader.file_index, "pos": loader.pos},
+        "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+    }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename names it the checkpoint
+    os.replace(path + ".tmp", path)  # atomic: a kill mid-write leaves only a stray .tmp, never a torn checkpoint
+
+
+def load_checkpoint(path: str, cfg: Config) -> dict:
+    """Read a checkpoint and refuse, before any training work, one that is truncated, from the other
+    script, from another model shape or past the last step."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume={path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file fails inside torch.load in many ways
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: truncated or not a checkpoint ({type(e).__name__}: {reason})") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"{path}: truncated or not a checkpoint (missing {', '.join(missing)})")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {ckpt['format']}, this script reads format {CHECKPOINT_FORMAT}")
+    if ckpt["baseline"] != BASELINE:
+        raise CheckpointError(f"{path}: checkpoint from {ckpt['script']}, this is {os.path.basename(__file__)}")
+    differing = [
+        f"{name}={ckpt['shape'].get(name)!r} in the checkpoint, {getattr(cfg, name)!r} here"
+        for name in SHAPE_FIELDS
+        if ckpt["shape"].get(name) != getattr(cfg, name)
+    ]
+    if differing:
+        raise CheckpointError(f"{path}: checkpoint of another model shape: {'; '.join(differing)}")
+    if ckpt["step"] > cfg.num_iterations:
+        raise CheckpointError(f"{path}: checkpoint at step {ckpt['step']}, past num_iterations={cfg.num_iterations}")
+    return ckpt
+
+
+def restore_checkpoint(
+    ckpt: dict, model: nn.Module, optimizers: list[torch.optim.Optimizer], device: torch.device
+) -> tuple[int, float]:
+    """Load the model, optimizer and RNG states; return the step and the training time to continue from."""
+    model.load_state_dict(ckpt["model"])
+    for opt, state in zip(optimizers, ckpt["optimizers"], strict=True):
+        opt.load_state_dict(state)
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["step"], ckpt["train_ms"]
+
+
+# -----------------------------------------------------------------------------
 # Training
 
 
@@ -646,6 +746,9 @@ def run(cfg: Config, ctx: Dist, argv: list[str]) -> dict:
     next(validation_batches(cfg.val_files, cfg.val_tokens, cfg.seq_len, 0, 1, torch.device("cpu")))
     if ctx.device.type == "cuda" and cfg.seq_len % FLEX_BLOCK:
         raise ConfigError(f"seq_len {cfg.seq_len} must be a multiple of {FLEX_BLOCK} for flex-attention")
+    checkpoint = load_checkpoint(cfg.resume, cfg) if cfg.resume else None
+    if checkpoint is not None:
+        loader.seek(**checkpoint["loader"])
 
     log = RunLog(cfg, ctx)
     log(f"run_id: {log.run_id if log.active else ''}\nbaseline: {BASELINE}\nscript: {os.path.basename(__file__)}")
@@ -655,6 +758,8 @@ def run(cfg: Config, ctx: Dist, argv: list[str]) -> dict:
         log(f"=== source: {os.path.basename(__file__)} ===\n{f.read().rstrip()}\n=== end of source ===", echo=False)
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     log("\n".join(system_report(ctx.device, ctx.world_size)) + f"\ngrad_accum_steps: {accum}")
+    if checkpoint is not None:
+        log(f"resumed_from: {cfg.resume} step:{checkpoint['step']}")
     log(f"nvidia-smi:\n{nvidia_smi()}", echo=False)
 
     torch.manual_seed(cfg.seed)
@@ -713,17 +818,33 @@ def run(cfg: Config, ctx: Dist, argv: list[str]) -> dict:
                 raise FloatingPointError(f"training loss became {train_losses[-1]} at step {s}")
         entries.clear()
 
-    train_ms = 0.0
+    start, train_ms = 0, 0.0
+    if checkpoint is not None:  # only after warm-up, which would disturb the restored states
+        start, train_ms = restore_checkpoint(checkpoint, model, optimizers, ctx.device)
+        val_losses.update(checkpoint["val_losses"])
     synchronize()
     t0 = time.perf_counter()
-    for step in range(cfg.num_iterations + 1):
+    for step in range(start, cfg.num_iterations + 1):
         last = step == cfg.num_iterations
         if last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0):
             synchronize()
             train_ms += 1000 * (time.perf_counter() - t0)
             check_finite(pending)
-            val_losses[step] = evaluate(train_model, cfg, ctx)
+            if step not in val_losses:  # a resumed run's first step was validated before its checkpoint
+                val_losses[step] = evaluate(train_model, cfg, ctx)
             log(f"step:{step}/{cfg.num_iterations} val_loss:{val_losses[step]:.4f} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            synchronize()
+            t0 = time.perf_counter()
+        if cfg.checkpoint_every > 0 and step > start and (last or step % cfg.checkpoint_every == 0):
+            synchronize()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            check_finite(pending)  # a non-finite loss stops the run before it is saved
+            if ctx.master:
+                path = os.path.join(cfg.checkpoint_dir, f"{log.run_id}_step{step:06d}.pt")
+                save_checkpoint(path, cfg, model, optimizers, step, train_ms, val_losses, loader, ctx.device)
+                log(f"checkpoint: {path}")
+            if ctx.world_size > 1:
+                dist.barrier()  # every rank moves on only once the file is written
             synchronize()
             t0 = time.perf_counter()
         if last:
@@ -760,6 +881,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
