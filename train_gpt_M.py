@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -53,6 +54,7 @@ class Config:
     logit_softcap: float = 30.0  # logits = cap * sigmoid(z / (softcap_temp * sqrt(dim))); 0 = off
     softcap_temp: float = 7.5  # temperature of the soft-cap, per sqrt(model_dim)
     param_dtype: str = "bfloat16"  # dtype of parameters and activations (SPEC: bfloat16)
+    loss_chunk: int = 8192  # tokens whose logits the output layer and loss hold at once
     # optimization
     num_iterations: int = 2500  # optimizer steps
     warmup_steps: int = 0  # steps of linear LR warm-up, (step+1)/warmup_steps; 0 = none
@@ -79,6 +81,7 @@ class Config:
     # run
     seed: int = 0  # initial weights; the data order is fixed by the files
     compile: bool = True  # torch.compile the model (CUDA only)
+    activation_budget: float = 1.0  # fraction of the activations compile keeps for the backward; less = recompute more
     warmup_compile_steps: int = 3  # steps on random tokens before timing; the state is restored
     preset: str = ""  # named group of overrides applied before the others: "tiny"
 
@@ -140,10 +143,12 @@ def parse_config(argv: list[str]) -> Config:
         value = getattr(cfg, f.name)
         if f.type in (int, float) and value < 0:
             raise ConfigError(f"--{f.name} must not be negative, got {value}")
+    if not 0 < cfg.activation_budget <= 1:
+        raise ConfigError(f"--activation_budget is a fraction in (0, 1], got {cfg.activation_budget}")
     if cfg.param_dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"--param_dtype is bfloat16 or float32, got {cfg.param_dtype!r}")
-    if min(cfg.seq_len, cfg.batch_tokens, cfg.num_layers, cfg.num_heads, cfg.val_tokens) == 0:
-        raise ConfigError("seq_len, batch_tokens, num_layers, num_heads and val_tokens must be positive")
+    if min(cfg.seq_len, cfg.batch_tokens, cfg.num_layers, cfg.num_heads, cfg.val_tokens, cfg.loss_chunk) == 0:
+        raise ConfigError("seq_len, batch_tokens, num_layers, num_heads, val_tokens and loss_chunk must be positive")
     if cfg.model_dim % cfg.num_heads or (cfg.model_dim // cfg.num_heads) % 4:
         raise ConfigError(f"model_dim {cfg.model_dim} must split into {cfg.num_heads} heads of a multiple of 4")
     return cfg
@@ -289,11 +294,9 @@ def dense_mask(docs_T: Tensor, window: int) -> Tensor:
     return make_mask_mod(docs_T, window)(None, None, idx[:, None], idx[None, :])
 
 
-def block_mask(docs_T: Tensor, window: int):
+def block_mask(docs_T: Tensor, window: int) -> BlockMask:
     """Flex-attention BlockMask built from block-level bounds (no T x T evaluation): a tile is
     skipped, computed in full, or computed with mask_mod, from its documents and distances."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     num_blocks = docs_T.numel() // FLEX_BLOCK
     docs_NB = docs_T.view(num_blocks, FLEX_BLOCK)
     first_N, last_N = docs_NB[:, 0], docs_NB[:, -1]
@@ -323,28 +326,31 @@ def rope_frequencies(head_dim: int, base: float, device: torch.device) -> Tensor
     return torch.cat([freqs, freqs.new_zeros(quarter)])
 
 
-def apply_rope(x_BTHD: Tensor, base: float) -> Tensor:
-    T, D = x_BTHD.size(1), x_BTHD.size(3)
-    positions_T = torch.arange(T, dtype=torch.float32, device=x_BTHD.device)
-    angle_TF = torch.outer(positions_T, rope_frequencies(D, base, x_BTHD.device))
-    cos, sin = angle_TF.cos()[None, :, None, :], angle_TF.sin()[None, :, None, :]
+def rope_tables(T: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin of the RoPE angles, float32, shaped (1, T, 1, head_dim/2) to broadcast over q_BTHD."""
+    positions_T = torch.arange(T, dtype=torch.float32, device=device)
+    angle_TF = torch.outer(positions_T, rope_frequencies(head_dim, base, device))
+    return angle_TF.cos()[None, :, None, :], angle_TF.sin()[None, :, None, :]
+
+
+def apply_rope(x_BTHD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x_BTHD.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(x_BTHD)
 
 
-def flex_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, docs_T: Tensor, window: int, scale: float) -> Tensor:
-    from torch.nn.attention.flex_attention import flex_attention
+def attention_mask(docs_T: Tensor, window: int) -> BlockMask | Tensor:
+    """Built once per forward and shared by every layer: a BlockMask on GPU, a dense T x T mask on CPU."""
+    return block_mask(docs_T, window) if docs_T.is_cuda else dense_mask(docs_T, window)
 
-    mask = block_mask(docs_T, window)
-    y_BHTD = flex_attention(*(t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD)), block_mask=mask, scale=scale)
+
+def attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, mask: BlockMask | Tensor, scale: float) -> Tensor:
+    """flex-attention for a BlockMask; SDPA for a dense mask (CPU, where flex-attention has no backward)."""
+    q_BHTD, k_BHTD, v_BHTD = (t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD))
+    if isinstance(mask, BlockMask):
+        y_BHTD = flex_attention(q_BHTD, k_BHTD, v_BHTD, block_mask=mask, scale=scale)
+    else:
+        y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, attn_mask=mask, scale=scale)
     return y_BHTD.transpose(1, 2)
-
-
-def dense_attend(q_BTHD: Tensor, k_BTHD: Tensor, v_BTHD: Tensor, docs_T: Tensor, window: int, scale: float) -> Tensor:
-    """The same mask through scaled_dot_product_attention: flex-attention has no CPU backward."""
-    mask_TT = dense_mask(docs_T, window)
-    q, k, v = (t.transpose(1, 2) for t in (q_BTHD, k_BTHD, v_BTHD))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT, scale=scale).transpose(1, 2)
 
 
 class CausalSelfAttention(nn.Module):
@@ -352,20 +358,19 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         dim = cfg.model_dim
         self.num_heads, self.head_dim = cfg.num_heads, dim // cfg.num_heads
-        self.window, self.scale, self.rope_base = cfg.attn_window, cfg.attn_scale, cfg.rope_base
+        self.scale = cfg.attn_scale
         bound = math.sqrt(3) * 0.5 / math.sqrt(dim)
         self.qkv_w = nn.Parameter(torch.empty(3, dim, dim).uniform_(-bound, bound))
         self.proj = nn.Linear(dim, dim, bias=False)
         self.proj.weight.detach().zero_()
 
-    def forward(self, x_BTC: Tensor, docs_T: Tensor) -> Tensor:
+    def forward(self, x_BTC: Tensor, mask: BlockMask | Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         B, T, C = x_BTC.shape
         qkv_BT3HD = F.linear(x_BTC, self.qkv_w.flatten(0, 1)).view(B, T, 3, self.num_heads, self.head_dim)
         q_BTHD, k_BTHD, v_BTHD = qkv_BT3HD.unbind(2)
-        q_BTHD = apply_rope(norm(q_BTHD), self.rope_base)
-        k_BTHD = apply_rope(norm(k_BTHD), self.rope_base)
-        attend = flex_attend if x_BTC.is_cuda else dense_attend
-        y_BTHD = attend(q_BTHD, k_BTHD, v_BTHD, docs_T, self.window, self.scale)
+        q_BTHD = apply_rope(norm(q_BTHD), *rope)
+        k_BTHD = apply_rope(norm(k_BTHD), *rope)
+        y_BTHD = attend(q_BTHD, k_BTHD, v_BTHD, mask, self.scale)
         return self.proj(y_BTHD.reshape(B, T, C))
 
 
@@ -386,13 +391,75 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, docs_T: Tensor) -> Tensor:
-        x = x + self.attn(norm(x), docs_T)
+    def forward(self, x: Tensor, mask: BlockMask | Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.attn(norm(x), mask, rope)
         return x + self.mlp(norm(x))
 
 
 def padded_vocab(vocab_size: int) -> int:
     return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def logit_loss(logits_nV: Tensor, targets_n: Tensor, softcap: float, softcap_scale: float, n_total: int, grads: bool):
+    """Summed cross-entropy of one chunk of logits, in float32: cap * sigmoid(z / softcap_scale),
+    or z if softcap is 0. With grads, also d(mean loss over n_total)/d(logits), computed in float32
+    and rounded to the logits' dtype, as autograd would. run() compiles this function."""
+    z_nV = logits_nV.float()
+    if softcap > 0:
+        sig_nV = torch.sigmoid(z_nV / softcap_scale)
+        z_nV = softcap * sig_nV
+    lse_n = torch.logsumexp(z_nV, dim=-1)
+    loss_sum = (lse_n - z_nV.gather(1, targets_n[:, None])[:, 0]).sum()
+    if not grads:
+        return loss_sum, None
+    onehot_nV = torch.arange(z_nV.size(1), device=targets_n.device) == targets_n[:, None]
+    grad_nV = (torch.exp(z_nV - lse_n[:, None]) - onehot_nV.float()) / n_total
+    if softcap > 0:
+        grad_nV = grad_nV * (softcap / softcap_scale) * sig_nV * (1 - sig_nV)
+    return loss_sum, grad_nV.to(logits_nV.dtype)
+
+
+def head_loss(x_NC: Tensor, w_VC: Tensor, targets_N: Tensor, softcap: float, softcap_scale: float, chunk: int, grads: bool,
+              chunk_loss: Callable = logit_loss):
+    """Mean cross-entropy of the output layer x @ w^T, `chunk` rows at a time, so that at most
+    chunk x V logits exist at once. With grads, also d(loss)/dx and d(loss)/dw, summed over the
+    chunks (w's in float32)."""
+    N = x_NC.size(0)
+    total = torch.zeros((), dtype=torch.float32, device=x_NC.device)
+    dx_chunks, dw_VC = [], torch.zeros(w_VC.shape, dtype=torch.float32, device=w_VC.device) if grads else None
+    for start in range(0, N, chunk):
+        x_nC = x_NC[start : start + chunk]
+        loss_sum, grad_nV = chunk_loss(x_nC @ w_VC.T, targets_N[start : start + chunk], softcap, softcap_scale, N, grads)
+        total += loss_sum
+        if grads:
+            dx_chunks.append(grad_nV @ w_VC)
+            dw_VC += (grad_nV.T @ x_nC).float()
+    loss = total / N
+    return (loss, torch.cat(dx_chunks), dw_VC.to(w_VC.dtype)) if grads else loss
+
+
+class HeadLoss(torch.autograd.Function):
+    """head_loss with its gradients made in the forward, so that the logits of all N tokens
+    (N x V float32: 13 GB at 65,536 tokens) never exist at once and are not kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x_NC: Tensor, w_VC: Tensor, targets_N: Tensor, softcap: float, softcap_scale: float, chunk: int,
+                chunk_loss: Callable = logit_loss):
+        loss, dx_NC, dw_VC = head_loss(x_NC, w_VC, targets_N, softcap, softcap_scale, chunk, True, chunk_loss)
+        ctx.save_for_backward(dx_NC, dw_VC)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        dx_NC, dw_VC = ctx.saved_tensors
+        return dx_NC * grad_loss, dw_VC * grad_loss, None, None, None, None, None
+
+
+def output_loss(x_NC: Tensor, w_VC: Tensor, targets_N: Tensor, softcap: float, softcap_scale: float, chunk: int,
+                chunk_loss: Callable) -> Tensor:
+    if torch.is_grad_enabled() and (x_NC.requires_grad or w_VC.requires_grad):
+        return HeadLoss.apply(x_NC, w_VC, targets_N, softcap, softcap_scale, chunk, chunk_loss)
+    return head_loss(x_NC, w_VC, targets_N, softcap, softcap_scale, chunk, False, chunk_loss)
 
 
 class GPT(nn.Module):
@@ -408,16 +475,27 @@ class GPT(nn.Module):
             self.lm_head.weight.detach().zero_()
         self.softcap = cfg.logit_softcap
         self.softcap_scale = cfg.softcap_temp * math.sqrt(cfg.model_dim)
+        self.window, self.rope_base, self.loss_chunk = cfg.attn_window, cfg.rope_base, cfg.loss_chunk
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        # compile_model() puts compiled versions here; the loss's chunk loop stays eager, since compiled
+        # whole it would keep every chunk's logits alive together
+        self.compiled_body: Callable = self.body
+        self.chunk_loss: Callable = logit_loss
 
-    def forward(self, inputs_T: Tensor, targets_T: Tensor) -> Tensor:
-        docs_T = document_ids(inputs_T)
+    def body(self, inputs_T: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """Embedding, blocks and final norm: the input of the output layer, x_NC."""
+        mask = attention_mask(document_ids(inputs_T), self.window)
         x = norm(self.embed(inputs_T)[None])
         for block in self.blocks:
-            x = block(x, docs_T)
-        logits = self.lm_head(norm(x)).float()
-        if self.softcap > 0:
-            logits = self.softcap * torch.sigmoid(logits / self.softcap_scale)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets_T)
+            x = block(x, mask, rope)
+        return norm(x)[0]
+
+    def forward(self, inputs_T: Tensor, targets_T: Tensor) -> Tensor:
+        # the RoPE tables enter the compiled body as inputs: made inside it, every kernel recomputes cos and sin
+        rope = rope_tables(inputs_T.numel(), self.head_dim, self.rope_base, inputs_T.device)
+        x_NC = self.compiled_body(inputs_T, rope)
+        return output_loss(x_NC, self.lm_head.weight, targets_T, self.softcap, self.softcap_scale, self.loss_chunk,
+                           self.chunk_loss)
 
 
 # -----------------------------------------------------------------------------
@@ -734,6 +812,13 @@ def evaluate(model: nn.Module, cfg: Config, ctx: Dist) -> float:
     return total.item() / (count * ctx.world_size)
 
 
+def compile_model(cfg: Config, model: GPT) -> None:
+    """torch.compile the model's body and its per-chunk loss (the chunk loop and products stay eager)."""
+    torch._functorch.config.activation_memory_budget = cfg.activation_budget
+    model.compiled_body = torch.compile(model.body, dynamic=False)
+    model.chunk_loss = torch.compile(logit_loss, dynamic=False)
+
+
 def run(cfg: Config, ctx: Dist, argv: list[str]) -> dict:
     accum = accumulation_steps(cfg, ctx.world_size)
     check_val_tokens(cfg, ctx.world_size)
@@ -770,7 +855,7 @@ def run(cfg: Config, ctx: Dist, argv: list[str]) -> dict:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
     if cfg.compile and ctx.device.type == "cuda":
-        train_model = torch.compile(train_model, dynamic=False)
+        compile_model(cfg, model)
 
     def train_step(step: int, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
         loss_sum = torch.zeros((), device=ctx.device)

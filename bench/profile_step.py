@@ -1,7 +1,12 @@
 """Where the time of one training step goes: torch.profiler over a few steps of a baseline
 at full size on random documents, the GPU kernels grouped by kind.
 
-    python bench/profile_step.py M [--steps 5] [--seq_len 65536] [--top 25]
+    python bench/profile_step.py M [--steps 5] [--seq_len 65536] [--top 25] [--script PATH] [--field=value ...]
+
+Further --field=value arguments override the script's configuration.
+
+Also reports the memory of one step: allocated after the forward (what the backward keeps) and
+the peaks of the forward and of the backward.
 
 The model, its compilation and the optimizers are the script's own (loaded as a module).
 """
@@ -14,6 +19,9 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic import synthetic_tokens  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = [  # first match wins: substrings of kernel names
     ("flex-attention", ("flex", "attention")),
@@ -24,21 +32,18 @@ KINDS = [  # first match wins: substrings of kernel names
 ]
 
 
-def load_script(baseline: str):
-    spec = importlib.util.spec_from_file_location(f"train_gpt_{baseline}", os.path.join(ROOT, f"train_gpt_{baseline}.py"))
+def load_script(baseline: str, path: str | None = None):
+    path = os.path.join(ROOT, path or f"train_gpt_{baseline}.py")
+    spec = importlib.util.spec_from_file_location(f"train_gpt_{baseline}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def documents(n: int, rng: np.random.Generator, eot: int) -> torch.Tensor:
-    """Random tokens in documents of log-normal length (mean about 670, as FineWeb)."""
-    tokens = rng.integers(0, eot, n + 1)
-    starts = np.cumsum(rng.lognormal(6.0, 1.0, n // 100).astype(np.int64) + 1)
-    tokens[starts[starts < n]] = eot
-    tokens[0] = eot
-    return torch.from_numpy(tokens)
+def documents(n: int, rng: np.random.Generator) -> torch.Tensor:
+    """Synthetic tokens in documents of log-normal length (bench/synthetic.py)."""
+    return torch.from_numpy(synthetic_tokens(n + 1, rng).astype(np.int64))
 
 
 def main() -> None:
@@ -47,18 +52,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 5 warm-up steps)")
     parser.add_argument("--seq_len", type=int, default=65536, help="tokens per step")
     parser.add_argument("--top", type=int, default=25, help="kernels listed")
-    args = parser.parse_args()
+    parser.add_argument("--script", default=None, help="script path from the repository root (default train_gpt_X.py)")
+    args, overrides = parser.parse_known_args()
     if not torch.cuda.is_available():
         sys.exit("profile_step.py needs a CUDA GPU")
-    script = load_script(args.baseline)
-    cfg = script.parse_config([f"--seq_len={args.seq_len}", f"--batch_tokens={args.seq_len}"])
+    script = load_script(args.baseline, args.script)
+    cfg = script.parse_config([f"--seq_len={args.seq_len}", f"--batch_tokens={args.seq_len}", *overrides])
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = script.GPT(cfg).to(device=device, dtype=torch.bfloat16)
     optimizers, set_schedule = script.build_optimizers(cfg, model, 0, 1)
-    compiled = torch.compile(model, dynamic=False)
+    script.compile_model(cfg, model)
+    compiled = model
     rng = np.random.default_rng(0)
-    batches = [documents(args.seq_len, rng, script.EOT_TOKEN).to(device) for _ in range(4)]
+    batches = [documents(args.seq_len, rng).to(device) for _ in range(4)]
 
     def step(i: int) -> None:
         window = batches[i % len(batches)]
@@ -76,6 +83,18 @@ def main() -> None:
         step(i)
     torch.cuda.synchronize()
     plain_ms = 1000 * (time.perf_counter() - start) / args.steps
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = compiled(batches[0][:-1], batches[0][1:])
+    torch.cuda.synchronize()
+    kept, forward_peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    torch.cuda.synchronize()
+    backward_peak = torch.cuda.max_memory_allocated() - base
+    model.zero_grad(set_to_none=True)
+    print(f"memory above the model and optimizer ({base // 2**20} MiB): kept by the forward {kept // 2**20} MiB, "
+          f"forward peak {forward_peak // 2**20} MiB, backward peak {backward_peak // 2**20} MiB")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(args.steps):
             step(i)

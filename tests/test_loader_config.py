@@ -119,6 +119,9 @@ def test_overrides_types_and_preset(script):
         (["--seq_len=-4"], "must not be negative"),
         (["--param_dtype=float16"], "bfloat16 or float32"),
         (["--num_heads=5"], "heads"),
+        (["--activation_budget=1.5"], "fraction in"),
+        (["--activation_budget=0"], "fraction in"),
+        (["--loss_chunk=0"], "loss_chunk must be positive"),
     ],
 )
 def test_override_errors(script, args, message):

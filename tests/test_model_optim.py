@@ -156,7 +156,7 @@ def compiled_flex():
 
 
 def run_flex_attend(mod, compiled_flex, q, k, v, docs, window, scale):
-    """The script's flex_attend with flex_attention replaced by the compiled one (wherever the
+    """The script's attend with a BlockMask, flex_attention replaced by the compiled one (wherever the
     script looks it up); fails if the script did not go through it."""
     fa, compiled = compiled_flex
     calls = []
@@ -169,8 +169,8 @@ def run_flex_attend(mod, compiled_flex, q, k, v, docs, window, scale):
         mp.setattr(fa, "flex_attention", counted)
         if hasattr(mod, "flex_attention"):
             mp.setattr(mod, "flex_attention", counted)
-        y = mod.flex_attend(q, k, v, docs, window, scale)
-    assert len(calls) == 1, "flex_attend must call flex_attention (patched here with the compiled one)"
+        y = mod.attend(q, k, v, mod.block_mask(docs, window), scale)
+    assert len(calls) == 1, "attend must call flex_attention for a BlockMask (patched here with the compiled one)"
     return y
 
 
@@ -263,7 +263,7 @@ def test_dense_attend_matches_reference(mod):
             B, H, D = int(torch.randint(1, 3, ()).item()), 3, 16
             q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
             scale = float(torch.empty(()).uniform_(0.05, 0.5))
-            y = mod.dense_attend(q, k, v, docs, window, scale)
+            y = mod.attend(q, k, v, mod.dense_mask(docs, window), scale)
             expected = reference_attention(q, k, v, reference_mask(docs, window), scale)
             assert y.shape == (B, T, H, D)
             assert (y.double() - expected).abs().max().item() < 1e-5, f"T {T}, window {window}"
@@ -271,6 +271,11 @@ def test_dense_attend_matches_reference(mod):
 
 # -----------------------------------------------------------------------------
 # 2. RoPE
+
+
+def rope(mod, x_BTHD, base):
+    """The script's RoPE: its tables for x's length and head dim, then apply_rope."""
+    return mod.apply_rope(x_BTHD, *mod.rope_tables(x_BTHD.size(1), x_BTHD.size(3), base, x_BTHD.device))
 
 
 @pytest.mark.parametrize("D", [4, 32, 128])
@@ -287,7 +292,7 @@ def test_rope_frequencies(mod, D):
 def test_rope_matches_formula(mod, D):
     """y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos with the SPEC's truncated frequencies, base 1024."""
     x = torch.randn(2, 300, 3, D)
-    y = mod.apply_rope(x, 1024.0)
+    y = rope(mod, x, 1024.0)
     assert y.shape == x.shape and y.dtype == torch.float32
     assert torch.allclose(y.double(), reference_rope(x, 1024.0), atol=2e-4, rtol=1e-4)
 
@@ -295,7 +300,7 @@ def test_rope_matches_formula(mod, D):
 def test_rope_zero_frequency_quarter_is_left_unrotated(mod):
     D, T = 128, 200
     x = torch.randn(1, T, 2, D)
-    y = mod.apply_rope(x, 1024.0)
+    y = rope(mod, x, 1024.0)
     q = D // 4
     still = list(range(q, 2 * q)) + list(range(3 * q, 4 * q))  # pairs (i, i + D/2), i in the zero quarter
     moving = list(range(0, q)) + list(range(2 * q, 3 * q))
@@ -312,7 +317,7 @@ def test_rope_zero_frequency_quarter_is_left_unrotated(mod):
 
 def test_rope_preserves_head_vector_norm(mod):
     x = torch.randn(2, 513, 3, 64) * torch.rand(2, 513, 3, 1) * 10
-    y = mod.apply_rope(x, 1024.0)
+    y = rope(mod, x, 1024.0)
     assert torch.allclose(y.double().norm(dim=-1), x.double().norm(dim=-1), rtol=1e-5, atol=1e-6)
 
 
@@ -324,10 +329,10 @@ def test_rope_dot_product_depends_only_on_relative_position(mod):
         qv, kv = F.normalize(torch.randn(D), dim=0), F.normalize(torch.randn(D), dim=0)
         x = torch.zeros(1, T, 1, D)
         x[0, i, 0], x[0, i + d, 0] = qv, kv
-        y1 = mod.apply_rope(x, 1024.0)
+        y1 = rope(mod, x, 1024.0)
         x = torch.zeros(1, T, 1, D)
         x[0, j, 0], x[0, j + d, 0] = qv, kv
-        y2 = mod.apply_rope(x, 1024.0)
+        y2 = rope(mod, x, 1024.0)
         dot1 = (y1[0, i, 0].double() @ y1[0, i + d, 0].double()).item()
         dot2 = (y2[0, j, 0].double() @ y2[0, j + d, 0].double()).item()
         assert dot1 == pytest.approx(dot2, abs=2e-5), (i, j, d)
@@ -337,7 +342,7 @@ def test_rope_computes_in_float32_for_bfloat16_input(mod):
     """At positions up to 4096, a bfloat16 computation (angles, products) would be far off; the
     float32 one differs from the exact result by about the final bfloat16 rounding only."""
     x = torch.randn(1, 4096, 2, 64).bfloat16()
-    y = mod.apply_rope(x, 1024.0)
+    y = rope(mod, x, 1024.0)
     assert y.dtype == torch.bfloat16
     exact = reference_rope(x, 1024.0)
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-7 + 2e-3).all()
@@ -423,7 +428,7 @@ def test_attention_module_matches_spec_math(mod):
     tokens = random_tokens(256, "mixed")
     docs = reference_doc_ids(tokens)
     x = torch.randn(1, 256, 64)
-    y = attn(x, docs)
+    y = attn(x, mod.dense_mask(docs, window), mod.rope_tables(256, 32, 1024.0, x.device))
     expected = reference_attention_module(attn, x, reference_mask(docs, window), torch.finfo(torch.float32).eps)
     assert y.shape == x.shape
     assert (y.double() - expected).abs().max().item() < 1e-4
@@ -474,20 +479,89 @@ def test_forward_loss_matches_spec_math(mod):
 
 
 def test_logits_and_loss_in_float32_for_bfloat16_model(mod):
-    """A bfloat16 model (the SPEC's dtype) still computes logits and loss in float32."""
-    cfg = tiny_config(mod, param_dtype="bfloat16")
+    """A bfloat16 model (the SPEC's dtype) takes the output-layer product in bfloat16, then the
+    soft-cap (M) and the loss in float32."""
+    cfg = tiny_config(mod, param_dtype="bfloat16", loss_chunk=int(torch.randint(1, 200, ()).item()))
     model = mod.GPT(cfg).bfloat16()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 3.0)
     seen = []
-    model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out))
+    model.blocks[-1].register_forward_hook(lambda m, i, out: seen.append(out))
     tokens = random_tokens(129, "mixed")
     loss = model(tokens[:-1], tokens[1:])
     assert seen[0].dtype == torch.bfloat16 and loss.dtype == torch.float32
-    logits = seen[0].float()
+    logits = (F.rms_norm(seen[0][0], (cfg.model_dim,)) @ model.lm_head.weight.T).float()
     if mod.BASELINE == "M":
         logits = 30 * torch.sigmoid(logits / (7.5 * math.sqrt(cfg.model_dim)))
-    assert loss.item() == pytest.approx(F.cross_entropy(logits[0].double(), tokens[1:]).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.double(), tokens[1:]).item(), rel=1e-5)
+
+
+def reference_head_loss(x, w, targets, softcap, scale):
+    """Output layer and loss as plain autograd ops: the logit product in x's dtype, the rest in float32."""
+    logits = (x @ w.T).float()
+    if softcap:
+        logits = softcap * torch.sigmoid(logits / scale)
+    return F.cross_entropy(logits, targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_loss_and_gradients_match_autograd(mod, dtype):
+    """HeadLoss (loss and both gradients made chunk by chunk in the forward) against autograd through
+    the unchunked ops, with and without soft-cap, for chunk sizes that do and do not divide N; the
+    backward scales both gradients by the incoming gradient."""
+    N, C, V = int(torch.randint(50, 300, ()).item()), 16, 200
+    softcap, scale = 30.0, 7.5 * math.sqrt(C)
+    for cap in (0.0, softcap):
+        for chunk in (1, 7, int(torch.randint(8, N, ()).item()), N, 2 * N):
+            x = (torch.randn(N, C) * 2).to(dtype).requires_grad_()
+            w = (torch.randn(V, C) * 2).to(dtype).requires_grad_()
+            targets = torch.randint(0, V, (N,))
+            factor = float(torch.empty(()).uniform_(0.1, 2))
+            loss = mod.HeadLoss.apply(x, w, targets, cap, scale, chunk)
+            (loss * factor).backward()
+            xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+            expected = reference_head_loss(xr, wr, targets, cap, scale)
+            (expected * factor).backward()
+            tol = 1e-5 if dtype == torch.float32 else 2**-7
+            assert loss.dtype == torch.float32
+            assert loss.item() == pytest.approx(expected.item(), rel=1e-5), (cap, chunk)
+            for got, ref in ((x.grad, xr.grad), (w.grad, wr.grad)):
+                assert got.dtype == dtype
+                err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+                assert err < tol, (cap, chunk, dtype, err)
+
+
+def test_head_loss_without_gradients_is_the_same_loss(mod):
+    """Evaluation (no grad) goes through head_loss without its gradient work and gives the training loss."""
+    N, C, V = 300, 16, 120
+    x, w, targets = torch.randn(N, C), torch.randn(V, C), torch.randint(0, V, (N,))
+    for cap in (0.0, 30.0):
+        with torch.no_grad():
+            loss = mod.head_loss(x, w, targets, cap, 30.0, 64, grads=False)
+        full, dx, dw = mod.head_loss(x, w, targets, cap, 30.0, 64, grads=True)
+        assert loss.item() == pytest.approx(full.item(), rel=1e-6)
+        assert loss.item() == pytest.approx(reference_head_loss(x, w, targets, cap, 30.0).item(), rel=1e-5)
+        assert dx.shape == x.shape and dw.shape == w.shape
+
+
+def test_model_loss_does_not_depend_on_loss_chunk(mod):
+    cfg = tiny_config(mod)
+    torch.manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    model = mod.GPT(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)
+    tokens = random_tokens(257, "mixed")
+    losses, grads = [], []
+    for chunk in (256, 100, 1):
+        model.loss_chunk = chunk
+        model.zero_grad()
+        loss = model(tokens[:-1], tokens[1:])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], rtol=1e-4, atol=1e-7)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""flex-attention kernel options for the baselines' attention, timed alone at full size on one GPU.
+
+    python bench/attention.py [--seq_len 65536] [--reps 10]
+
+q, k, v of one 65,536-token sequence (6 heads of 128, bfloat16) in documents of log-normal
+length (bench/synthetic.py), the script's BlockMask (document, causal, 1024-token window) at
+tile sizes 128 and 64, and a list of kernel options. For each: forward and forward+backward
+time (CUDA events, median of --reps after warm-up) and the largest difference of the output
+and gradients from the first variant's.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from synthetic import synthetic_tokens  # noqa: E402
+
+VARIANTS = [  # (name, tile size of the BlockMask, kernel_options)
+    ("tile128 default", 128, {}),
+    ("tile128 fwd 128x128 w8 s2", 128, {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2}),
+    ("tile128 bwd 64x64 w4 s3", 128, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}),
+    ("tile64 64x64 w4 s3", 64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64, "num_warps": 4, "num_stages": 3}),
+    ("tile64 64x64 w8 s2", 64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2}),
+]
+
+
+def load_script(path: str):
+    spec = importlib.util.spec_from_file_location("script", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def median_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--script", default="train_gpt_M.py")
+    parser.add_argument("--seq_len", type=int, default=65536)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--only", nargs="*", type=int, default=None, help="indices of VARIANTS to run")
+    args = parser.parse_args()
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64
+    script = load_script(args.script)
+    cfg = script.Config()
+    H, D = cfg.num_heads, cfg.model_dim // cfg.num_heads
+    device = torch.device("cuda")
+    tokens = torch.from_numpy(synthetic_tokens(args.seq_len, np.random.default_rng(0)).astype(np.int64)).to(device)
+    docs = script.document_ids(tokens)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, H, args.seq_len, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    grad_out = torch.randn(1, H, args.seq_len, D, device=device, dtype=torch.bfloat16, generator=gen)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, T={args.seq_len}, {H} heads of {D}, window {cfg.attn_window}")
+    compiled = torch.compile(script.flex_attention, dynamic=False)
+    reference = None
+    for i, (name, tile, options) in enumerate(VARIANTS):
+        if args.only is not None and i not in args.only:
+            continue
+        script.FLEX_BLOCK = tile
+        mask = script.block_mask(docs, cfg.attn_window)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+        def forward():
+            with torch.no_grad():
+                return compiled(q, k, v, block_mask=mask, scale=cfg.attn_scale, kernel_options=options)
+
+        def forward_backward():
+            y = compiled(qg, kg, vg, block_mask=mask, scale=cfg.attn_scale, kernel_options=options)
+            y.backward(grad_out)
+            return y
+
+        try:
+            y = forward_backward()
+            outs = [y.detach(), qg.grad, kg.grad, vg.grad]
+            for t in (qg, kg, vg):
+                t.grad = None
+            fwd, both = median_ms(forward, args.reps), median_ms(forward_backward, args.reps)
+        except Exception as e:  # an option set a Triton version or GPU does not take
+            print(f"{name:32s} failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}", flush=True)
+            continue
+        if reference is None:
+            reference = outs
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, reference))
+        print(f"{name:32s} fwd {fwd:6.3f} ms  fwd+bwd {both:6.3f} ms  (x{cfg.num_layers} layers: {both * cfg.num_layers:5.1f} ms)  max diff {diff:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The output layer + loss of one 65,536-token step, timed alone on one GPU.
+
+    python bench/loss.py [--script train_gpt_M.py] [--chunks 4096 8192 16384] [--reps 10]
+
+plain:     logits = (x @ w^T).float(), soft-cap, F.cross_entropy, the whole function compiled
+           (what the first version of the scripts did: 65,536 x 50,304 float32 logits).
+chunk=K:   the script's HeadLoss: K rows at a time, products in eager mode, the script's
+           logit_loss compiled, gradients formed in the forward.
+For each: forward+backward time (median), the memory it needs above its inputs, and the
+largest relative difference of loss and gradients from plain.
+"""
+import argparse
+import importlib.util
+import os
+
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(path: str):
+    spec = importlib.util.spec_from_file_location("script", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["script"] = module  # compiled code looks its functions up by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--script", default="train_gpt_M.py")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    script = load_script(args.script)
+    cfg = script.Config()
+    N, C, V = cfg.seq_len, cfg.model_dim, script.padded_vocab(cfg.vocab_size)
+    cap, scale = cfg.logit_softcap, cfg.softcap_temp * cfg.model_dim**0.5
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    x0 = F.rms_norm(torch.randn(N, C, device=dev, generator=g), (C,)).bfloat16()
+    w0 = (torch.randn(V, C, device=dev, generator=g) * 0.02).bfloat16()
+    targets = torch.randint(0, cfg.vocab_size, (N,), device=dev, generator=g)
+
+    def plain(x, w):
+        logits = (x @ w.T).float()
+        if cap > 0:
+            logits = cap * torch.sigmoid(logits / scale)
+        return F.cross_entropy(logits, targets)
+
+    chunk_loss = torch.compile(script.logit_loss, dynamic=False)
+
+    def chunked(k):
+        return lambda x, w: script.HeadLoss.apply(x, w, targets, cap, scale, k, chunk_loss)
+
+    variants = [("plain", torch.compile(plain, dynamic=False))] + [(f"chunk={k}", chunked(k)) for k in args.chunks]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N={N} C={C} V={V} softcap={cap}")
+    reference = None
+    for name, fn in variants:
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+
+        def step():
+            x.grad = w.grad = None
+            loss = fn(x, w)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        x.grad = w.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = step()
+        torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+        outs = [loss.detach().float(), x.grad.float(), w.grad.float()]
+        reference = reference or outs
+        diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(outs, reference))
+        print(f"{name:9s} fwd+bwd {np.median(times):7.2f} ms  memory above inputs {extra:8.0f} MiB  loss {loss.item():.5f}  rel diff {diff:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
