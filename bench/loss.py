@@ -15,9 +15,11 @@ import os
 
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import median_ms  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,17 +71,7 @@ def main() -> None:
             loss.backward()
             return loss
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(args.reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
+        ms = median_ms(step, args.reps)
         x.grad = w.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -90,7 +82,7 @@ def main() -> None:
         outs = [loss.detach().float(), x.grad.float(), w.grad.float()]
         reference = reference or outs
         diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(outs, reference))
-        print(f"{name:9s} fwd+bwd {np.median(times):7.2f} ms  memory above inputs {extra:8.0f} MiB  loss {loss.item():.5f}  rel diff {diff:.2e}", flush=True)
+        print(f"{name:9s} fwd+bwd {ms:7.2f} ms  memory above inputs {extra:8.0f} MiB  loss {loss.item():.5f}  rel diff {diff:.2e}", flush=True)
 
 
 if __name__ == "__main__":
