@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch._dynamo  # imported before any process group, or gloo's threads outlive destroy_process_group
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn

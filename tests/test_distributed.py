@@ -26,12 +26,18 @@ def args_for(baseline: str, tmp: str, world: int, micro_batches: int) -> list[st
             f"--num_iterations={STEPS}", "--val_loss_every=0", f"--val_tokens={4 * SEQ_LEN}", "--warmup_compile_steps=1"]
 
 
+def native_thread_names() -> list[str]:
+    return [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+
+
 def worker(rank: int, world: int, port: int, baseline: str, tmp: str, micro_batches: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     result = load_script(baseline).main(args_for(baseline, tmp, world, micro_batches))
     state = {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
-    torch.save({"state": state, "train_losses": result["train_losses"], "val": result["val_losses"]}, f"{tmp}/result_{world}_{rank}.pt")
+    threads = native_thread_names() if os.path.isdir("/proc/self/task") else []
+    torch.save({"state": state, "train_losses": result["train_losses"], "val": result["val_losses"], "threads": threads},
+               f"{tmp}/result_{world}_{rank}.pt")
 
 
 def run_processes(world: int, baseline: str, tmp: str, micro_batches: int) -> list[dict]:
@@ -60,6 +66,8 @@ def test_processes_match_single_process_with_accumulation(baseline, world, tmp_p
     # they are checked through the losses here and through test_muon_split_across_ranks.
     rtol = 1e-5 if baseline == "A" else 1e-4
     for rank_result in multi:
+        # gloo threads still running at interpreter exit abort the process now and then
+        assert not [t for t in rank_result["threads"] if "gloo" in t], rank_result["threads"]
         assert len(rank_result["train_losses"]) == STEPS
         np.testing.assert_allclose(rank_result["train_losses"], single["train_losses"], rtol=rtol)
         np.testing.assert_allclose(list(rank_result["val"].values()), list(single["val_losses"].values()), rtol=rtol)
@@ -79,9 +87,10 @@ def test_processes_match_single_process_with_accumulation(baseline, world, tmp_p
 
 def orthogonalize_worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    module = load_script("M")  # before the process group, as in the script itself
     torch.distributed.init_process_group("gloo")
     updates = torch.load(f"{tmp}/updates.pt")
-    muon = load_script("M").Muon([torch.zeros(2, 2, requires_grad=True)], lr=0.1, momentum=0.9, ns_steps=5, rank=rank, world_size=world)
+    muon = module.Muon([torch.zeros(2, 2, requires_grad=True)], lr=0.1, momentum=0.9, ns_steps=5, rank=rank, world_size=world)
     torch.save(muon.orthogonalize(updates, 5), f"{tmp}/ortho_{rank}.pt")
     torch.distributed.destroy_process_group()
 
