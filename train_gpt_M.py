@@ -273,8 +273,9 @@ FLEX_BLOCK = 128  # flex-attention tile size, in tokens
 VOCAB_MULTIPLE = 128  # the output layer is padded to a multiple of this
 
 
-def norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+def norm(x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """RMS norm over the last dim (float32 eps, as F.rms_norm), then RoPE when the tables are given."""
+    return RMSNorm.apply(x, *(rope or (None, None)))
 
 
 def document_ids(tokens_T: Tensor) -> Tensor:
@@ -339,6 +340,45 @@ def apply_rope(x_BTHD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(x_BTHD)
 
 
+class RMSNorm(torch.autograd.Function):
+    """rms_norm(x), then RoPE if cos and sin are given, keeping for the backward only the output and
+    the inverse RMS, not x: the rotation is orthogonal, so the output rotated back is the normalised
+    input n, and dx = rinv * (g - n * mean(g * n)) for the gradient g rotated back."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+        x_f32 = x.float()
+        rinv = torch.rsqrt(x_f32.square().mean(-1, keepdim=True) + torch.finfo(x_f32.dtype).eps)
+        y = (x_f32 * rinv).type_as(x)
+        if cos is not None:
+            y = apply_rope(y, cos, sin)
+        ctx.save_for_backward(y, rinv, cos, sin)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, rinv, cos, sin = ctx.saved_tensors
+        n, g = y.float(), grad.float()
+        if cos is not None:
+            n, g = apply_rope(n, cos, -sin), apply_rope(g, cos, -sin)
+        return (rinv * (g - n * (g * n).mean(-1, keepdim=True))).type_as(grad), None, None
+
+
+class ReLUSquare(torch.autograd.Function):
+    """relu(x)^2 keeping only its output for the backward (relu(x) = sqrt(output)), not x as well."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = F.relu(x).square()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (y,) = ctx.saved_tensors
+        return (2 * y.float().sqrt() * grad.float()).type_as(grad)
+
+
 def attention_mask(docs_T: Tensor, window: int) -> BlockMask | Tensor:
     """Built once per forward and shared by every layer: a BlockMask on GPU, a dense T x T mask on CPU."""
     return block_mask(docs_T, window) if docs_T.is_cuda else dense_mask(docs_T, window)
@@ -367,10 +407,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x_BTC: Tensor, mask: BlockMask | Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         B, T, C = x_BTC.shape
-        qkv_BT3HD = F.linear(x_BTC, self.qkv_w.flatten(0, 1)).view(B, T, 3, self.num_heads, self.head_dim)
-        q_BTHD, k_BTHD, v_BTHD = qkv_BT3HD.unbind(2)
-        q_BTHD = apply_rope(norm(q_BTHD), *rope)
-        k_BTHD = apply_rope(norm(k_BTHD), *rope)
+        # v in a product of its own: as a view of one qkv output it would keep q and k's inputs alive
+        qk_BT2HD = F.linear(x_BTC, self.qkv_w[:2].flatten(0, 1)).view(B, T, 2, self.num_heads, self.head_dim)
+        v_BTHD = F.linear(x_BTC, self.qkv_w[2]).view(B, T, self.num_heads, self.head_dim)
+        q_BTHD, k_BTHD = (norm(t_BTHD, rope) for t_BTHD in qk_BT2HD.unbind(2))
         y_BTHD = attend(q_BTHD, k_BTHD, v_BTHD, mask, self.scale)
         return self.proj(y_BTHD.reshape(B, T, C))
 
@@ -383,7 +423,7 @@ class MLP(nn.Module):
         self.proj.weight.detach().zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(ReLUSquare.apply(self.fc(x)))
 
 
 class Block(nn.Module):

@@ -1,12 +1,13 @@
 """flex-attention kernel options for the baselines' attention, timed alone at full size on one GPU.
 
-    python bench/attention.py [--seq_len 65536] [--reps 10]
+    python bench/attention.py [--seq_len 65536] [--reps 10] [--only 0 1] [--varlen]
 
 q, k, v of one 65,536-token sequence (6 heads of 128, bfloat16) in documents of log-normal
 length (bench/synthetic.py), the script's BlockMask (document, causal, 1024-token window) at
 tile sizes 128 and 64, and a list of kernel options. For each: forward and forward+backward
 time (CUDA events, median of --reps after warm-up) and the largest difference of the output
-and gradients from the first variant's.
+and gradients from the first variant's. --varlen adds FlashAttention-2 (aten's varlen kernels)
+with the documents as separate sequences and the same causal 1024-token window.
 """
 import argparse
 import importlib.util
@@ -50,12 +51,69 @@ def median_ms(fn, reps: int) -> float:
     return float(np.median(times))
 
 
+class VarlenAttention(torch.autograd.Function):
+    """FlashAttention-2 over packed documents (aten's varlen kernels): causal, 1024-token window."""
+
+    @staticmethod
+    def forward(ctx, q_THD, k_THD, v_THD, cu_seqlens, max_len, scale, window):
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q_THD, k_THD, v_THD, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False,
+            scale=scale, window_size_left=window - 1, window_size_right=0)
+        ctx.save_for_backward(q_THD, k_THD, v_THD, out, lse, cu_seqlens, rng, unused)
+        ctx.args = (max_len, scale, window)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_THD):
+        q_THD, k_THD, v_THD, out, lse, cu_seqlens, rng, unused = ctx.saved_tensors
+        max_len, scale, window = ctx.args
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_THD.contiguous(), q_THD, k_THD, v_THD, out, lse, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True,
+            rng, unused, scale=scale, window_size_left=window - 1, window_size_right=0)
+        return dq, dk, dv, None, None, None, None
+
+
+def document_bounds(docs_T: torch.Tensor) -> tuple[torch.Tensor, int]:
+    starts = torch.nonzero(docs_T[1:] != docs_T[:-1]).flatten() + 1
+    T = docs_T.numel()
+    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), T)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def time_varlen(script, cfg, docs, q, k, v, grad_out, reps: int, reference) -> None:
+    cu, max_len = document_bounds(docs)
+    H, D = q.shape[1], q.shape[3]
+    to_THD = lambda t: t[0].transpose(0, 1).contiguous()  # noqa: E731
+    qv, kv, vv = (to_THD(t).requires_grad_() for t in (q, k, v))
+    g_THD = to_THD(grad_out)
+
+    def forward_backward():
+        y = VarlenAttention.apply(qv, kv, vv, cu, max_len, cfg.attn_scale, cfg.attn_window)
+        y.backward(g_THD)
+        return y
+
+    def forward():
+        with torch.no_grad():
+            return VarlenAttention.apply(qv, kv, vv, cu, max_len, cfg.attn_scale, cfg.attn_window)
+
+    y = forward_backward()
+    to_BHTD = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731
+    outs = [to_BHTD(y.detach()), to_BHTD(qv.grad), to_BHTD(kv.grad), to_BHTD(vv.grad)]
+    for t in (qv, kv, vv):
+        t.grad = None
+    fwd, both = median_ms(forward, reps), median_ms(forward_backward, reps)
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, reference)) if reference else float("nan")
+    print(f"{'varlen FA2 (' + str(cu.numel() - 1) + ' docs, max ' + str(max_len) + ')':32s} fwd {fwd:6.3f} ms  fwd+bwd {both:6.3f} ms  "
+          f"(x{cfg.num_layers} layers: {both * cfg.num_layers:5.1f} ms)  max diff {diff:.2e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="train_gpt_M.py")
     parser.add_argument("--seq_len", type=int, default=65536)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--only", nargs="*", type=int, default=None, help="indices of VARIANTS to run")
+    parser.add_argument("--varlen", action="store_true", help="also time FlashAttention-2 varlen (aten) on the same documents")
     args = parser.parse_args()
     import torch._dynamo
 
@@ -101,6 +159,8 @@ def main() -> None:
             reference = outs
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, reference))
         print(f"{name:32s} fwd {fwd:6.3f} ms  fwd+bwd {both:6.3f} ms  (x{cfg.num_layers} layers: {both * cfg.num_layers:5.1f} ms)  max diff {diff:.2e}", flush=True)
+    if args.varlen:
+        time_varlen(script, cfg, docs, q, k, v, grad_out, args.reps, reference)
 
 
 if __name__ == "__main__":

@@ -348,6 +348,62 @@ def test_rope_computes_in_float32_for_bfloat16_input(mod):
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-7 + 2e-3).all()
 
 
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_norm_gradient_matches_float64_autograd(mod, with_rope):
+    """The script's norm (RMSNorm, then RoPE for q and k) differentiates as the SPEC formula does,
+    although its backward sees only its output: float32 gradients equal float64 autograd through
+    x / sqrt(mean(x^2) + eps) (and the rotation) to float32 rounding."""
+    x = torch.randn(2, 96, 3, 32) * torch.rand(2, 96, 3, 1) * 5
+    rope_tables = mod.rope_tables(96, 32, 1024.0, x.device) if with_rope else None
+    leaf = x.clone().requires_grad_()
+    y = mod.norm(leaf, rope_tables)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    exact = x.double().requires_grad_()
+    expected = rms(exact, torch.finfo(torch.float32).eps)
+    if with_rope:
+        expected = reference_rope(expected, 1024.0)
+    assert (y.double() - expected.detach()).abs().max().item() < 1e-5
+    (expected * weights.double()).sum().backward()
+    assert torch.allclose(leaf.grad.double(), exact.grad, rtol=1e-4, atol=1e-5 * exact.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_norm_in_bfloat16_is_f_rms_norm_and_its_gradient_within_rounding(mod, with_rope):
+    """bfloat16: the forward is F.rms_norm's bit for bit (then the float32 rotation); the gradient,
+    made from the rounded output, stays within bfloat16 rounding of autograd's through F.rms_norm."""
+    x = (torch.randn(1, 128, 2, 64) * 3).bfloat16()
+    rope_tables = mod.rope_tables(128, 64, 1024.0, x.device) if with_rope else None
+    leaf, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = mod.norm(leaf, rope_tables)
+    expected = F.rms_norm(plain, (64,))
+    if with_rope:
+        expected = mod.apply_rope(expected, *rope_tables)
+    assert torch.equal(y, expected)
+    weights = torch.randn_like(y)
+    (y.float() * weights.float()).sum().backward()
+    (expected.float() * weights.float()).sum().backward()
+    scale = plain.grad.float().abs().max()
+    assert (leaf.grad.float() - plain.grad.float()).abs().max() <= 2**-6 * scale
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)])
+def test_relu_square_gradient_from_its_output(mod, dtype, tol):
+    """ReLU^2 whose backward keeps only the output: 2 relu(x) g, with relu(x) = sqrt(relu(x)^2),
+    equals autograd through F.relu(x).square() (exactly zero where x <= 0), to the dtype's rounding."""
+    x = (torch.randn(64, 256) * 3).to(dtype)
+    x[0, :16] = 0
+    leaf, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = mod.ReLUSquare.apply(leaf)
+    expected = F.relu(plain).square()
+    assert torch.equal(y, expected)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(leaf.grad[x <= 0], torch.zeros_like(leaf.grad[x <= 0]))
+    assert torch.allclose(leaf.grad.float(), plain.grad.float(), rtol=tol, atol=tol * plain.grad.float().abs().max().item())
+
+
 # -----------------------------------------------------------------------------
 # Model: shapes, initialisation, forward math
 
@@ -434,14 +490,16 @@ def test_attention_module_matches_spec_math(mod):
     assert (y.double() - expected).abs().max().item() < 1e-4
 
 
-def reference_loss(model, inputs, targets, cfg, softcap):
-    """The SPEC forward, in float64, from the model's parameters."""
+def reference_loss(model, inputs, targets, cfg, softcap, params=None):
+    """The SPEC forward, in float64, from the model's parameters (or from `params`, float64 tensors
+    by the model's parameter names, to differentiate through)."""
     dim, H = cfg.model_dim, cfg.num_heads
     D = dim // H
     eps = torch.finfo(torch.float32).eps
     T = inputs.numel()
     allowed = reference_mask(reference_doc_ids(inputs), cfg.attn_window)
-    W = lambda p: p.detach().double()  # noqa: E731
+    names = {id(p): name for name, p in model.named_parameters()}
+    W = (lambda p: params[names[id(p)]]) if params is not None else (lambda p: p.detach().double())  # noqa: E731
     x = rms(W(model.embed.weight)[inputs], eps)
     for block in model.blocks:
         h = rms(x, eps)
@@ -455,7 +513,7 @@ def reference_loss(model, inputs, targets, cfg, softcap):
     logits = rms(x, eps) @ W(model.lm_head.weight).T
     if softcap:
         logits = 30 * torch.sigmoid(logits / (7.5 * math.sqrt(dim)))
-    return F.cross_entropy(logits, targets).item()
+    return F.cross_entropy(logits, targets)
 
 
 def test_forward_loss_matches_spec_math(mod):
@@ -474,8 +532,31 @@ def test_forward_loss_matches_spec_math(mod):
     inputs, targets = tokens[:-1], torch.randint(0, 50257, (256,))
     loss = model(inputs, targets)
     assert loss.dtype == torch.float32 and loss.ndim == 0
-    expected = reference_loss(model, inputs, targets, cfg, softcap=mod.BASELINE == "M")
+    expected = reference_loss(model, inputs, targets, cfg, softcap=mod.BASELINE == "M").item()
     assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_parameter_gradients_match_spec_math(mod):
+    """The backward of the whole model (chunked output layer and loss, norms and ReLU^2 that keep
+    their outputs rather than inputs) gives, in float32, float64 autograd's gradients through the
+    SPEC forward, for every parameter."""
+    window = int(torch.randint(8, 200, ()).item())
+    cfg = tiny_config(mod, attn_window=window, loss_chunk=int(torch.randint(16, 300, ()).item()))
+    model = mod.GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 1.0 if "embed" in name or "lm_head" in name else 1 / math.sqrt(p.size(-1))
+            p.normal_(0, 0.5 if "qkv" in name else std)
+    tokens = random_tokens(257, "mixed")
+    inputs, targets = tokens[:-1], torch.randint(0, 50257, (256,))
+    model(inputs, targets).backward()
+    params = {name: p.detach().double().requires_grad_() for name, p in model.named_parameters()}
+    reference_loss(model, inputs, targets, cfg, softcap=mod.BASELINE == "M", params=params).backward()
+    for name, p in model.named_parameters():
+        expected = params[name].grad
+        assert expected.abs().max() > 0, name
+        err = (p.grad.double() - expected).abs().max() / expected.abs().max()
+        assert err < 1e-4, (name, err.item())
 
 
 def test_logits_and_loss_in_float32_for_bfloat16_model(mod):
