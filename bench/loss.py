@@ -1,13 +1,16 @@
 """The output layer + loss of one 65,536-token step, timed alone on one GPU.
 
     python bench/loss.py [--script train_gpt_M.py] [--chunks 4096 8192 16384] [--reps 10]
+                         [--compare other_version_of_M.py] [--no_plain]
 
 plain:     logits = (x @ w^T).float(), soft-cap, F.cross_entropy, the whole function compiled
            (what the first version of the scripts did: 65,536 x 50,304 float32 logits).
 chunk=K:   the script's HeadLoss: K rows at a time, products in eager mode, the script's
            logit_loss compiled, gradients formed in the forward.
+--compare times the chunked variants of a second version of the script (e.g. the previous
+commit's, written out with `git show`) in the same process, on the same inputs.
 For each: forward+backward time (median), the memory it needs above its inputs, and the
-largest relative difference of loss and gradients from plain.
+largest relative difference of loss and gradients from the first variant (plain unless --no_plain).
 """
 import argparse
 import importlib.util
@@ -24,10 +27,10 @@ from attention import median_ms  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_script(path: str):
-    spec = importlib.util.spec_from_file_location("script", os.path.join(ROOT, path))
+def load_script(path: str, name: str = "script"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
     module = importlib.util.module_from_spec(spec)
-    sys.modules["script"] = module  # compiled code looks its functions up by module name
+    sys.modules[name] = module  # compiled code looks its functions up by module name
     spec.loader.exec_module(module)
     return module
 
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--script", default="train_gpt_M.py")
     parser.add_argument("--chunks", type=int, nargs="+", default=[4096, 8192, 16384])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--compare", default=None, help="a second version of the script, for its chunked variants")
+    parser.add_argument("--no_plain", action="store_true", help="leave out the unchunked variant")
     args = parser.parse_args()
     script = load_script(args.script)
     cfg = script.Config()
@@ -54,12 +59,15 @@ def main() -> None:
             logits = cap * torch.sigmoid(logits / scale)
         return F.cross_entropy(logits, targets)
 
-    chunk_loss = torch.compile(script.logit_loss, dynamic=False)
+    def chunked(module, k):
+        chunk_loss = torch.compile(module.logit_loss, dynamic=False)
+        return lambda x, w: module.HeadLoss.apply(x, w, targets, cap, scale, k, chunk_loss)
 
-    def chunked(k):
-        return lambda x, w: script.HeadLoss.apply(x, w, targets, cap, scale, k, chunk_loss)
-
-    variants = [("plain", torch.compile(plain, dynamic=False))] + [(f"chunk={k}", chunked(k)) for k in args.chunks]
+    variants = [] if args.no_plain else [("plain", torch.compile(plain, dynamic=False))]
+    variants += [(f"chunk={k}", chunked(script, k)) for k in args.chunks]
+    if args.compare:
+        other = load_script(args.compare, "compared")
+        variants += [(f"{args.compare} chunk={k}", chunked(other, k)) for k in args.chunks]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, N={N} C={C} V={V} softcap={cap}")
     reference = None
     for name, fn in variants:
@@ -82,7 +90,7 @@ def main() -> None:
         outs = [loss.detach().float(), x.grad.float(), w.grad.float()]
         reference = reference or outs
         diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(outs, reference))
-        print(f"{name:9s} fwd+bwd {ms:7.2f} ms  memory above inputs {extra:8.0f} MiB  loss {loss.item():.5f}  rel diff {diff:.2e}", flush=True)
+        print(f"{name:24s} fwd+bwd {ms:7.2f} ms  memory above inputs {extra:8.0f} MiB  loss {loss.item():.5f}  rel diff {diff:.2e}", flush=True)
 
 
 if __name__ == "__main__":

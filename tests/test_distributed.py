@@ -52,8 +52,8 @@ def run_processes(world: int, baseline: str, tmp: str, micro_batches: int) -> li
     return [torch.load(f"{tmp}/result_{world}_{r}.pt") for r in range(world)]
 
 
-# 4 processes for M only: its Newton-Schulz work is then split four ways.
-@pytest.mark.parametrize("baseline, world", [("A", 2), ("M", 2), ("M", 4)])
+# At 4 processes M's Newton-Schulz work is split four ways.
+@pytest.mark.parametrize("baseline, world", [("A", 2), ("M", 2), ("A", 4), ("M", 4)])
 def test_processes_match_single_process_with_accumulation(baseline, world, tmp_path):
     tokens = learnable_tokens(24_000, np.random.default_rng())
     write_shard(tmp_path / "d_train_000001.bin", tokens[:20_000])

@@ -585,6 +585,17 @@ def reference_head_loss(x, w, targets, softcap, scale):
     return F.cross_entropy(logits, targets)
 
 
+@pytest.mark.parametrize("V", [50304, 640, 200])  # the padded vocabulary, another multiple of the block, neither
+def test_blocked_logsumexp_is_logsumexp(mod, V):
+    """The loss's log-sum-exp, made from per-block maxima and sums, is torch.logsumexp's in float32,
+    also for rows whose blocks have maxima far apart (blocks that underflow next to the largest)."""
+    z = torch.randn(37, V) * torch.rand(37, 1) * 50
+    z[:5, : V // 3] -= 200
+    z[5:10, -7:] += 120
+    expected = torch.logsumexp(z.double(), dim=-1)
+    assert torch.allclose(mod.blocked_logsumexp(z).double(), expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_head_loss_and_gradients_match_autograd(mod, dtype):
     """HeadLoss (loss and both gradients made chunk by chunk in the forward) against autograd through
