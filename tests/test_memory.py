@@ -1,56 +1,16 @@
-"""Issue 4, peak memory: what the compiled model body keeps from its forward for its backward.
-
-The body is compiled on CPU with AOTAutograd and the min-cut partitioner that torch.compile uses
-on the GPU too, but without code generation; the forward graph's extra outputs are the tensors it
-keeps. Views are counted once, through the tensor they view.
-"""
-import operator
+"""Issue 4, peak memory: what the compiled model body keeps from its forward for its backward,
+through bench/memory.py (the compiler's min-cut partitioner on CPU, without code generation)."""
+import os
+import sys
 
 import pytest
-import torch
-from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-from torch._dynamo.backends.common import aot_autograd
 
-from conftest import load_script
+from conftest import ROOT, load_script
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import memory  # noqa: E402
 
 T, DIM, HEADS = 512, 64, 2
-aten = torch.ops.aten
-VIEWS = {aten.view.default, aten.transpose.int, aten.select.int, aten.detach.default, aten.t.default,
-         aten.permute.default, aten._unsafe_view.default, aten.unsqueeze.default, aten.squeeze.dim,
-         aten.slice.Tensor, aten.expand.default, aten.alias.default}
-
-
-def kept_activation_bytes(module, num_layers: int) -> int:
-    """Bytes of the distinct non-input tensors the compiled body's forward keeps for its backward."""
-    torch._dynamo.reset()
-    cfg = module.parse_config(["--preset=tiny", f"--model_dim={DIM}", f"--num_heads={HEADS}",
-                               f"--num_layers={num_layers}", f"--seq_len={T}"])
-    model = module.GPT(cfg).to(torch.bfloat16)
-    kept: list[int] = []
-
-    def forward_compiler(gm, example_inputs):
-        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        bases = {}
-        for node in outputs:
-            while isinstance(node, torch.fx.Node):
-                if node.target in VIEWS:
-                    node = node.args[0]
-                elif node.target is operator.getitem and node.args[0].target is aten.unbind.int:
-                    node = node.args[0].args[0]
-                else:
-                    break
-            if isinstance(node, torch.fx.Node) and node.op != "placeholder":
-                bases[node.name] = node.meta["val"]
-        kept.append(sum(v.numel() * v.element_size() for v in bases.values()))
-        return make_boxed_func(gm)
-
-    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm),
-                           partition_fn=min_cut_rematerialization_partition)
-    tokens = torch.randint(0, module.EOT_TOKEN, (T,))
-    tokens[torch.randint(0, T, (8,))] = module.EOT_TOKEN
-    rope = module.rope_tables(T, DIM // HEADS, cfg.rope_base, tokens.device)
-    torch.compile(model.body, backend=backend, dynamic=False)(tokens, rope).float().sum().backward()
-    return kept[0]
 
 
 @pytest.mark.parametrize("baseline", ["A", "M"])
@@ -60,7 +20,14 @@ def test_each_layer_keeps_outputs_not_inputs(baseline):
     layout makes the projection's input a copy) and ReLU^2's output (4), plus per-row float32
     statistics: 10.25 units here. Not the pre-norm residual stream, q and k before their norm, or
     the MLP's pre-activation, which the plain ops' backward needs (18.25 units with those)."""
-    module = load_script(baseline)
-    per_layer = kept_activation_bytes(module, 3) - kept_activation_bytes(module, 2)
+    per_layer = memory.per_layer_bytes(load_script(baseline), T, DIM, HEADS)
     unit = T * DIM * 2
     assert per_layer <= 11.5 * unit, per_layer / unit
+
+
+def test_memory_tool_prints_per_layer_and_full_size(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["memory.py", "--script", "train_gpt_A.py", "--seq_len", "256"])
+    memory.main()
+    out = capsys.readouterr().out
+    assert "per layer:" in out and "GiB of block activations" in out
+    assert "[1, 256, 256]" in out  # ReLU^2's output, T x 4 * dim

@@ -1,0 +1,111 @@
+"""What the compiled model body keeps from its forward for its backward, found on CPU, no GPU needed.
+
+    python bench/memory.py [--script train_gpt_M.py] [--seq_len 512] [--model_dim 64] [--num_heads 2]
+
+The body is compiled with AOTAutograd and the min-cut partitioner that torch.compile also uses on
+the GPU, without code generation: the forward graph's extra outputs are the tensors kept for the
+backward. Views count once, through the tensor they view. Two small models (2 and 3 layers)
+give the bytes one layer keeps; these are printed per tensor and in units of one T x model_dim
+bfloat16 tensor, and scaled to the script's full configuration (activation memory only: the
+parameters, optimizer state, output layer and loss come on top).
+"""
+import argparse
+import importlib.util
+import operator
+import os
+import sys
+
+import torch
+from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+from torch._dynamo.backends.common import aot_autograd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+aten = torch.ops.aten
+VIEWS = {aten.view.default, aten.transpose.int, aten.select.int, aten.detach.default, aten.t.default,
+         aten.permute.default, aten._unsafe_view.default, aten.unsqueeze.default, aten.squeeze.dim,
+         aten.slice.Tensor, aten.expand.default, aten.alias.default}
+
+
+def kept_tensors(module, num_layers: int, seq_len: int, model_dim: int, num_heads: int) -> dict[str, torch.Tensor]:
+    """The distinct non-input tensors (fake, shapes and dtypes only) that the compiled body of a
+    bfloat16 `module.GPT` keeps for its backward, by graph node name."""
+    torch._dynamo.reset()
+    cfg = module.parse_config(["--preset=tiny", f"--model_dim={model_dim}", f"--num_heads={num_heads}",
+                               f"--num_layers={num_layers}", f"--seq_len={seq_len}"])
+    model = module.GPT(cfg).to(torch.bfloat16)
+    kept: dict[str, torch.Tensor] = {}
+
+    def forward_compiler(gm, example_inputs):
+        for node in next(n for n in gm.graph.nodes if n.op == "output").args[0]:
+            while isinstance(node, torch.fx.Node):
+                if node.target in VIEWS:
+                    node = node.args[0]
+                elif node.target is operator.getitem and node.args[0].target is aten.unbind.int:
+                    node = node.args[0].args[0]
+                else:
+                    break
+            if isinstance(node, torch.fx.Node) and node.op != "placeholder":
+                kept[node.name] = node.meta["val"]
+        return make_boxed_func(gm)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm),
+                           partition_fn=min_cut_rematerialization_partition)
+    tokens = torch.randint(0, module.EOT_TOKEN, (seq_len,))
+    tokens[torch.randint(0, seq_len, (max(seq_len // 64, 1),))] = module.EOT_TOKEN
+    rope = module.rope_tables(seq_len, model_dim // num_heads, cfg.rope_base, tokens.device)
+    torch.compile(model.body, backend=backend, dynamic=False)(tokens, rope).float().sum().backward()
+    return kept
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def per_layer_bytes(module, seq_len: int, model_dim: int, num_heads: int) -> int:
+    """Bytes one layer keeps: the 3-layer body's minus the 2-layer body's."""
+    sizes = [nbytes(kept_tensors(module, n, seq_len, model_dim, num_heads).values()) for n in (2, 3)]
+    return sizes[1] - sizes[0]
+
+
+def load_script(path: str):
+    name = "bench_memory_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--script", default="train_gpt_M.py", help="path from the repository root")
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--model_dim", type=int, default=64)
+    parser.add_argument("--num_heads", type=int, default=2)
+    args = parser.parse_args()
+    module = load_script(args.script)
+    unit = args.seq_len * args.model_dim * 2
+    small, large = (kept_tensors(module, n, args.seq_len, args.model_dim, args.num_heads) for n in (2, 3))
+    print(f"{args.script}, torch {torch.__version__}: T={args.seq_len}, model_dim={args.model_dim}, "
+          f"{args.num_heads} heads; unit = one T x model_dim bfloat16 tensor ({unit:,} bytes)")
+    print("tensors kept by the 3-layer body and not by the 2-layer one (one layer's):")
+    counts_small: dict[tuple, int] = {}
+    for t in small.values():
+        counts_small[(tuple(t.shape), t.dtype)] = counts_small.get((tuple(t.shape), t.dtype), 0) + 1
+    counts_large: dict[tuple, int] = {}
+    for t in large.values():
+        counts_large[(tuple(t.shape), t.dtype)] = counts_large.get((tuple(t.shape), t.dtype), 0) + 1
+    for (shape, dtype), count in sorted(counts_large.items(), key=lambda kv: -kv[1]):
+        extra = count - counts_small.get((shape, dtype), 0)
+        if extra:
+            size = extra * torch.Size(shape).numel() * dtype.itemsize
+            print(f"  {extra} x {str(list(shape)):22s} {str(dtype).replace('torch.', ''):9s} {size / unit:6.2f} units")
+    layer = nbytes(large.values()) - nbytes(small.values())
+    cfg = module.Config()
+    full = layer / unit * cfg.seq_len * cfg.model_dim * 2 * cfg.num_layers
+    print(f"per layer: {layer / unit:.2f} units; at the full configuration ({cfg.num_layers} layers, "
+          f"{cfg.seq_len:,} tokens, width {cfg.model_dim}): {full / 2**30:.1f} GiB of block activations")
+
+
+if __name__ == "__main__":
+    main()
