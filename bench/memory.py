@@ -10,7 +10,6 @@ bfloat16 tensor, and scaled to the script's full configuration (activation memor
 parameters, optimizer state, output layer and loss come on top).
 """
 import argparse
-import importlib.util
 import operator
 import os
 import sys
@@ -19,7 +18,9 @@ import torch
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 from torch._dynamo.backends.common import aot_autograd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loss import load_script  # noqa: E402
+
 aten = torch.ops.aten
 VIEWS = {aten.view.default, aten.transpose.int, aten.select.int, aten.detach.default, aten.t.default,
          aten.permute.default, aten._unsafe_view.default, aten.unsqueeze.default, aten.squeeze.dim,
@@ -67,15 +68,6 @@ def per_layer_bytes(module, seq_len: int, model_dim: int, num_heads: int) -> int
     return sizes[1] - sizes[0]
 
 
-def load_script(path: str):
-    name = "bench_memory_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--script", default="train_gpt_M.py", help="path from the repository root")
@@ -83,7 +75,7 @@ def main() -> None:
     parser.add_argument("--model_dim", type=int, default=64)
     parser.add_argument("--num_heads", type=int, default=2)
     args = parser.parse_args()
-    module = load_script(args.script)
+    module = load_script(args.script, "bench_memory_" + os.path.splitext(os.path.basename(args.script))[0])
     unit = args.seq_len * args.model_dim * 2
     small, large = (kept_tensors(module, n, args.seq_len, args.model_dim, args.num_heads) for n in (2, 3))
     print(f"{args.script}, torch {torch.__version__}: T={args.seq_len}, model_dim={args.model_dim}, "
