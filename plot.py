@@ -4,12 +4,20 @@ Usage:
 
     python plot.py LOG [LOG ...] -o img/curves.png
     python plot.py logs/*.txt --ylim 3.2 4.5 --no-reference
-    python plot.py logs/*.txt --reference other_curves.csv --linear-y
+    python plot.py logs/*.txt --linear-y --reference other_curves.csv
+    python plot.py logs/*.txt --reference
 
-One curve per log, coloured by group (A, M, and variants such as "M (tied_embed=True)");
-the published 8xH100 reference curves from reference/published_curves.csv are drawn
-dashed for comparison unless --no-reference is given. The loss axis is logarithmic
-unless --linear-y is given; the target loss is drawn as a horizontal line.
+One curve per log, coloured by group (A, M, variants such as "M (tied_embed=True)", and
+modded-nanogpt logs, see runlog.py). The published 8xH100 reference curves from
+reference/published_curves.csv are drawn dashed when the longest run comes near their token
+range (reaches at least 10% of their last token count); otherwise they would squash the runs
+against x=0, so they are left out with a one-line note on stderr. --reference [CSV] draws
+reference curves (the published ones, or CSV's) in any case; --no-reference never. The loss
+axis is logarithmic unless --linear-y is given; the target loss is drawn as a horizontal line.
+
+Unfinished logs (the run was killed or is still running) and files that are not training
+logs are reported in one line each on stderr and left out; --allow-incomplete plots
+unfinished runs too, and --strict makes a skipped log an error (exit 1).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import argparse
 import csv
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -26,10 +34,20 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from runlog import TARGET_LOSS, LogError, Run, group_sort_key, load_runs
+from runlog import (
+    TARGET_LOSS,
+    LogError,
+    Run,
+    add_foreign_log_options,
+    check_foreign_log_options,
+    group_sort_key,
+    load_runs,
+)
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "reference" / "published_curves.csv"
 REFERENCE_BATCH_TOKENS = 524_288
+# The reference curves are drawn by default only if the longest run reaches this fraction of their tokens.
+REFERENCE_NEAR_FRACTION = 0.1
 BASELINE_COLORS = {"A": "tab:blue", "M": "tab:orange"}
 VARIANT_COLORS = ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 LOSS_TICKS = [2.5, 2.8, 3.0, 3.2, 3.4, 3.6, 3.8, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0]
@@ -57,6 +75,26 @@ def load_reference(path: str | Path) -> dict[str, Curve]:
     except OSError as exc:
         raise ValueError(f"{path}: cannot read reference csv ({exc.strerror or exc})") from None
     return {script: sorted(points) for script, points in curves.items()}
+
+
+def run_tokens(run: Run) -> float:
+    """Tokens seen at the run's last validation point (the end of its plotted curve)."""
+    return float(max((run.tokens_at(s) for s, _, _ in run.val), default=0))
+
+
+def reference_tokens(curves: dict[str, Curve]) -> float:
+    """Tokens seen at the last point of the longest reference curve."""
+    return float(max((s * REFERENCE_BATCH_TOKENS for points in curves.values() for s, _, _ in points), default=0))
+
+
+def reference_is_near(runs: Sequence[Run], curves: dict[str, Curve],
+                      fraction: float = REFERENCE_NEAR_FRACTION) -> bool:
+    """Whether the longest run reaches at least `fraction` of the reference curves' token range."""
+    return max((run_tokens(r) for r in runs), default=0.0) >= fraction * reference_tokens(curves)
+
+
+def _tokens_text(tokens: float) -> str:
+    return f"{tokens / 1e9:.2f}B" if tokens >= 1e9 else f"{tokens / 1e6:.1f}M"
 
 
 def group_colors(groups: Sequence[str]) -> dict[str, str]:
@@ -92,23 +130,32 @@ def _set_loss_ticks(ax, log_y: bool) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
 
 
-def plot_runs(
+def curves_figure(
     runs: Sequence[Run],
-    out_path: str | Path,
     *,
     reference: str | Path | None = DEFAULT_REFERENCE,
+    force_reference: bool = False,
+    note: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
     target: float = TARGET_LOSS,
     log_y: bool = True,
     ylim: tuple[float, float] | None = None,
     title: str | None = None,
-) -> Path:
-    """Draw val loss vs training time and vs tokens seen for `runs` into a PNG at `out_path`.
+) -> Figure:
+    """The figure of val loss vs training time (left) and vs tokens seen (right) for `runs`.
 
-    reference: csv of published curves (None leaves them out). Returns the output path.
+    reference: csv of reference curves, drawn dashed (None leaves them out). They are drawn if
+    force_reference is true or the longest run reaches REFERENCE_NEAR_FRACTION of their tokens;
+    otherwise `note` gets one line saying they were left out and why.
     """
     if not runs:
         raise ValueError("no runs to plot")
     ref_curves = load_reference(reference) if reference is not None else {}
+    if ref_curves and not force_reference and not reference_is_near(runs, ref_curves):
+        longest = max(run_tokens(r) for r in runs)
+        note(f"left out the reference curves of {Path(reference).name}: the longest run reaches "
+             f"{_tokens_text(longest)} tokens, under {REFERENCE_NEAR_FRACTION:.0%} of their "
+             f"{_tokens_text(reference_tokens(ref_curves))} (--reference draws them anyway)")
+        ref_curves = {}
 
     series: list[tuple[str, list[float], list[float], list[float], str]] = []
     for run in runs:
@@ -173,7 +220,12 @@ def plot_runs(
     ax_tokens.set_title("val loss vs tokens seen")
     ax_tokens.legend(handles=handles, loc="upper right", fontsize=9)
     fig.suptitle(title or f"Validation loss (target {target:g})")
+    return fig
 
+
+def plot_runs(runs: Sequence[Run], out_path: str | Path, **options) -> Path:
+    """Draw curves_figure(runs, **options) into a PNG at `out_path` (parent folders created); returns the path."""
+    fig = curves_figure(runs, **options)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
@@ -184,21 +236,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Plot validation loss curves from training logs.")
     parser.add_argument("logs", nargs="+", help="training log files")
     parser.add_argument("-o", "--output", default="img/curves.png", help="output PNG (default img/curves.png)")
-    parser.add_argument("--reference", default=str(DEFAULT_REFERENCE), help="csv of published reference curves")
-    parser.add_argument("--no-reference", action="store_true", help="leave the published reference curves out")
+    reference = parser.add_mutually_exclusive_group()
+    reference.add_argument("--reference", nargs="?", const=str(DEFAULT_REFERENCE), default=None, metavar="CSV",
+                           help="draw reference curves (from CSV, default the published 8xH100 ones) even when no "
+                                "run comes near their token range; put it after the logs")
+    reference.add_argument("--no-reference", action="store_true", help="leave the reference curves out")
     parser.add_argument("--target", type=float, default=TARGET_LOSS, help="target val loss line (default 3.28)")
     parser.add_argument("--linear-y", action="store_true", help="linear instead of log scale on the loss axis")
     parser.add_argument("--ylim", nargs=2, type=float, metavar=("LO", "HI"), help="loss axis limits, e.g. 3.2 4.5")
     parser.add_argument("--title", help="figure title")
-    parser.add_argument("--skip-bad", action="store_true", help="warn about and skip logs that cannot be parsed")
-    parser.add_argument("--allow-incomplete", action="store_true", help="also plot runs without '=== end of run ==='")
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="also plot unfinished runs (no '=== end of run ===' or final val line)")
+    parser.add_argument("--strict", action="store_true",
+                        help="an unparsable log, or an unfinished one without --allow-incomplete, is an error (exit 1)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="accepted for old command lines: skipping such logs is now the default")
+    add_foreign_log_options(parser)
     args = parser.parse_args(argv)
+    check_foreign_log_options(parser, args)
     try:
-        runs = load_runs(args.logs, skip_bad=args.skip_bad, allow_incomplete=args.allow_incomplete)
+        runs = load_runs(args.logs, strict=args.strict, allow_incomplete=args.allow_incomplete,
+                         batch_tokens=args.batch_tokens, label=args.label)
+        if not runs:
+            raise ValueError("no logs left to plot")
         out = plot_runs(
             runs,
             args.output,
-            reference=None if args.no_reference else args.reference,
+            reference=None if args.no_reference else (args.reference or DEFAULT_REFERENCE),
+            force_reference=args.reference is not None,
             target=args.target,
             log_y=not args.linear_y,
             ylim=tuple(args.ylim) if args.ylim else None,

@@ -5,10 +5,13 @@
 #   ./run.sh A [ARGS...]   the same for the AdamW baseline (train_gpt_A.py)
 #   ./run.sh test          install what the tests need, run `python -m pytest -q tests`
 #
-# M/A install requirements.txt when an import fails, fetch the FineWeb shards the baseline
-# needs (data/cached_fineweb10B.py skips those present) and start torchrun with one process
-# per GPU; ARGS go to the training script. With no GPU they run the tiny preset on CPU on
-# the embedded sample (data/sample/) instead, without any download.
+# M/A install requirements.txt when an import fails, fetch the FineWeb shards the run reads
+# (data/cached_fineweb10B.py skips those present) and start torchrun with one process per
+# GPU; ARGS go to the training script. What is fetched follows ARGS: no training shard when
+# they give --train_files, no validation shard when they give --val_files, and as many
+# training shards as their --num_iterations/--batch_tokens need (else the baseline's count).
+# With no GPU they run the tiny preset on CPU on the embedded sample (data/sample/) instead,
+# without any download.
 #
 # Environment:
 #   PYTHON        interpreter (default: python3, else python)
@@ -107,6 +110,39 @@ count_gpus() {
     fi
 }
 
+# Fill FETCH_ARGS with the options of data/cached_fineweb10B.py that fetch only what the
+# training ARGS ($2...) read, for baseline $1; leave it empty when they read no FineWeb shard.
+fetch_args() {
+    local variant="$1" train=1 val=1 arg
+    local -a sizes=()
+    shift
+    while [[ $# -gt 0 ]]; do
+        arg="$1"
+        shift
+        case "$arg" in
+            --train_files | --train_files=*) train=0 ;;
+            --val_files | --val_files=*) val=0 ;;
+            --num_iterations=* | --batch_tokens=*) sizes+=("$arg") ;;
+            --num_iterations | --batch_tokens)
+                if [[ $# -gt 0 ]]; then sizes+=("$arg=$1"); fi
+                ;;
+        esac
+    done
+    FETCH_ARGS=()
+    if [[ "$train" == 0 && "$val" == 0 ]]; then
+        return
+    fi
+    FETCH_ARGS=(data/cached_fineweb10B.py --baseline "$variant")
+    if [[ "$train" == 0 ]]; then
+        FETCH_ARGS+=(--no_train)
+    else
+        FETCH_ARGS+=(${sizes[@]+"${sizes[@]}"})
+    fi
+    if [[ "$val" == 0 ]]; then
+        FETCH_ARGS+=(--no_val)
+    fi
+}
+
 train() {
     local variant="$1"
     shift
@@ -137,7 +173,12 @@ train() {
         torchrun+=(--standalone)
     fi
     ensure_requirements "${TORCH_SPEC:-torch}"
-    run "$PYTHON" data/cached_fineweb10B.py --baseline "$variant"
+    fetch_args "$variant" "$@"
+    if [[ "${#FETCH_ARGS[@]}" -gt 0 ]]; then
+        run "$PYTHON" "${FETCH_ARGS[@]}"
+    else
+        echo "run.sh: --train_files and --val_files given: no FineWeb download" >&2
+    fi
     echo "run.sh: $script on $ngpu GPU(s) per node, $nnodes node(s)" >&2
     launch "${torchrun[@]}" --nproc_per_node="$ngpu" "$script" "$@"
 }

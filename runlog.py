@@ -1,21 +1,39 @@
-"""The one parser of the training log format written by train_gpt_A.py / train_gpt_M.py.
+"""The one parser of training logs: those of train_gpt_A.py / train_gpt_M.py, and modded-nanogpt's.
 
 Usage as a module (plot.py and stats.py do this):
 
-    from runlog import parse_log, final_val_loss, time_to_target
+    from runlog import load_runs, parse_log, final_val_loss, time_to_target
     run = parse_log("logs/A_20261123-203000_1a2b3c.txt")
     print(run.group, final_val_loss(run), time_to_target(run))
+    runs = load_runs(paths)  # leaves out unfinished and unparsable logs, one stderr line each
 
 Usage from the shell, one summary line per log:
 
     python runlog.py LOG [LOG ...]
+    python runlog.py records/*/*.txt --label record --batch_tokens 393216
 
-A log is: header lines (run_id, baseline, script, date, command), the embedded
+A train_gpt log is: header lines (run_id, baseline, script, date, command), the embedded
 source between "=== source: ... ===" and "=== end of source ===", a "config: {json}"
 line, environment lines (python, torch, cuda, device, world_size, grad_accum_steps,
 optional resumed_from, nvidia-smi block), then "=== training ===" followed by step
 lines and "=== end of run ===". Only lines after "=== training ===" are data; the
-embedded source is never parsed.
+embedded source is never parsed. Step lines:
+
+    step:12/300 train_loss:5.1234 lr_mult:0.8000 train_time:1234ms step_avg:102.83ms
+    step:12/300 val_loss:5.0123 train_time:1234ms step_avg:102.83ms
+
+train_loss and lr_mult are optional (older logs lack them); train_loss may be nan or inf.
+The log has ended at "=== end of run ==="; it is complete if it ended without a "stopped:" line.
+
+A modded-nanogpt log (the speedrun's records and reference logs) is the training script's
+source, a line of 100 "=", environment lines ("Running Python 3.12.7 ...", "Running PyTorch
+2.6.0 compiled for CUDA 12.6", an nvidia-smi table), another line of 100 "=", then step lines
+as above (without lr_mult) and "peak memory allocated: X MiB reserved: Y MiB". Only the step
+lines after the last 100-"=" line are data; other lines there are ignored. Such a log has no
+config: its tokens per step are taken as 524,288 unless given (batch_tokens=, --batch_tokens),
+and Run.batch_tokens_assumed says the default was used; its group is "modded-nanogpt:<file
+stem>" unless a label is given. It has ended (and is complete) once it holds the final
+validation line, step N/N.
 """
 
 from __future__ import annotations
@@ -39,15 +57,26 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "M": {"tied_embed": False, "logit_softcap": 30.0},
 }
 
+TRAIN_GPT_FORMAT = "train_gpt"
+MODDED_FORMAT = "modded-nanogpt"
+MODDED_SEPARATOR = "=" * 100
+# modded-nanogpt's long-standing batch: 8 GPUs x 64 sequences x 1024 tokens.
+DEFAULT_FOREIGN_BATCH_TOKENS = 524_288
+
 SOURCE_START = "=== source: "
 SOURCE_END = "=== end of source ==="
 TRAINING_START = "=== training ==="
 RUN_END = "=== end of run ==="
 
 _VAL_RE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+(?:\.\d*)?)ms step_avg:\S+ms")
-_TRAIN_RE = re.compile(r"step:(\d+)/(\d+) train_time:(\d+(?:\.\d*)?)ms step_avg:\S+ms")
+_TRAIN_RE = re.compile(
+    r"step:(\d+)/(\d+)(?: train_loss:(\S+))?(?: lr_mult:(\S+))? train_time:(\d+(?:\.\d*)?)ms step_avg:\S+ms"
+)
+_STEP_FIELD_RE = re.compile(r"(\d+)/(\d+)")
+_TIME_FIELD_RE = re.compile(r"(\d+(?:\.\d*)?)ms")
 _PEAK_RE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (\d+) MiB")
 _RESUMED_RE = re.compile(r"(.*\S)\s+step:(\d+)")
+_SMI_GPU_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|")
 
 
 class LogError(ValueError):
@@ -62,7 +91,13 @@ class LogError(ValueError):
 
 @dataclass
 class Run:
-    """One parsed training log."""
+    """One parsed training log.
+
+    train holds (step, train_time_ms) for every training step line; train_losses and lr_mults
+    hold (step, value) for the step lines that carry train_loss / lr_mult (nan and inf kept).
+    ended: the log reached its end ("=== end of run ===", or step N/N's validation line in a
+    modded-nanogpt log); complete: it ended without a "stopped:" line.
+    """
 
     path: Path
     run_id: str
@@ -83,10 +118,15 @@ class Run:
     num_steps: int | None = None
     train: list[tuple[int, float]] = field(default_factory=list)
     val: list[tuple[int, float, float]] = field(default_factory=list)
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    lr_mults: list[tuple[int, float]] = field(default_factory=list)
     peak_allocated_mib: int | None = None
     peak_reserved_mib: int | None = None
     stopped: str | None = None
+    ended: bool = False
     complete: bool = False
+    log_format: str = TRAIN_GPT_FORMAT
+    batch_tokens_assumed: bool = False
 
     @property
     def batch_tokens(self) -> int:
@@ -107,7 +147,7 @@ def group_label(baseline: str, config: dict[str, Any]) -> str:
 
 
 def group_sort_key(label: str) -> tuple[str, bool, str]:
-    """Order groups as A, A variants, M, M variants."""
+    """Order groups as A, A variants, M, M variants (then foreign groups such as modded-nanogpt:...)."""
     return (label[:1], label not in ARCH_DEFAULTS, label)
 
 
@@ -156,19 +196,42 @@ def _find_source_end(lines: list[str], start: int) -> int | None:
     return None
 
 
-def parse_log(path: str | Path, *, allow_incomplete: bool = False) -> Run:
-    """Parse one training log. Raises LogError naming `path` if it is empty, foreign or truncated.
+def parse_log(
+    path: str | Path,
+    *,
+    allow_incomplete: bool = False,
+    batch_tokens: int | None = None,
+    label: str | None = None,
+) -> Run:
+    """Parse one train_gpt or modded-nanogpt log. Raises LogError naming `path` if it is empty,
+    foreign or truncated.
 
-    With allow_incomplete=True a log without "=== end of run ===" (a run still in
-    progress or killed) is accepted and returned with complete=False.
+    With allow_incomplete=True a log that has not ended (a run still in progress or killed) is
+    accepted and returned with ended=complete=False. batch_tokens and label apply to
+    modded-nanogpt logs only (which have no config): tokens per step (default 524,288, then
+    recorded as assumed) and group label (default "modded-nanogpt:<file stem>").
     """
     path = Path(path)
     lines = _read_lines(path)
-
-    if not lines[0].startswith("run_id:"):
+    if lines[0].startswith("run_id:"):
+        run = _parse_train_gpt(path, lines)
+    elif any(line.rstrip() == MODDED_SEPARATOR for line in lines):
+        run = _parse_modded(path, lines, batch_tokens, label)
+    else:
         shown = lines[0] if len(lines[0]) <= 60 else lines[0][:57] + "..."
-        raise LogError(path, f"not a training log (first line should start with 'run_id:', found {shown!r})", 1)
+        raise LogError(
+            path,
+            f"not a training log (first line should start with 'run_id:', found {shown!r}; "
+            "no line of 100 '=' as in a modded-nanogpt log either)",
+            1,
+        )
+    if not run.ended and not allow_incomplete:
+        end = f"'{RUN_END}' line" if run.log_format == TRAIN_GPT_FORMAT else "final validation line (step N/N)"
+        raise LogError(path, f"truncated log: no {end} (run killed or still running?), {progress(run)}")
+    return run
 
+
+def _parse_train_gpt(path: Path, lines: list[str]) -> Run:
     header: dict[str, str] = {}
     i = 0
     while i < len(lines) and not lines[i].startswith(SOURCE_START):
@@ -212,7 +275,7 @@ def parse_log(path: str | Path, *, allow_incomplete: bool = False) -> Run:
         command=header.get("command", ""),
     )
     i = _parse_environment(path, lines, i, run)
-    _parse_training(path, lines, i, run, allow_incomplete)
+    _parse_training(path, lines, i, run)
     return run
 
 
@@ -241,7 +304,14 @@ def _parse_environment(path: Path, lines: list[str], i: int, run: Run) -> int:
     return i + 1
 
 
-def _parse_training(path: Path, lines: list[str], i: int, run: Run, allow_incomplete: bool) -> None:
+def _number(path: Path, name: str, text: str, line: str, lineno: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise LogError(path, f"{name} is not a number in {line!r}", lineno) from None
+
+
+def _parse_training(path: Path, lines: list[str], i: int, run: Run) -> None:
     """Read step lines after "=== training ===" up to "=== end of run ===" into `run`."""
     ended = False
     for lineno in range(i + 1, len(lines) + 1):
@@ -250,30 +320,114 @@ def _parse_training(path: Path, lines: list[str], i: int, run: Run, allow_incomp
             ended = True
             break
         if match := _VAL_RE.fullmatch(line):
-            try:
-                loss = float(match.group(3))
-            except ValueError:
-                raise LogError(path, f"val_loss is not a number in {line!r}", lineno) from None
+            loss = _number(path, "val_loss", match.group(3), line, lineno)
             run.val.append((int(match.group(1)), loss, float(match.group(4))))
             run.num_steps = int(match.group(2))
         elif match := _TRAIN_RE.fullmatch(line):
-            run.train.append((int(match.group(1)), float(match.group(3))))
+            step = int(match.group(1))
+            run.train.append((step, float(match.group(5))))
+            if match.group(3) is not None:
+                run.train_losses.append((step, _number(path, "train_loss", match.group(3), line, lineno)))
+            if match.group(4) is not None:
+                run.lr_mults.append((step, _number(path, "lr_mult", match.group(4), line, lineno)))
             run.num_steps = int(match.group(2))
         elif match := _PEAK_RE.fullmatch(line):
             run.peak_allocated_mib = int(match.group(1))
             run.peak_reserved_mib = int(match.group(2))
         elif line.startswith("stopped:"):
             run.stopped = line[len("stopped:"):].strip()
-        elif line.startswith("step:"):
+        elif line.startswith("step:") and lineno < len(lines):
+            # The file's last line may be half-written by a killed run; anywhere else it is an error.
             raise LogError(path, f"malformed step line {line!r}", lineno)
-    if not ended and not allow_incomplete:
-        raise LogError(path, f"truncated log: no '{RUN_END}' line (run killed or still running?)")
+    run.ended = ended
     run.complete = ended and run.stopped is None
+
+
+def _parse_modded(path: Path, lines: list[str], batch_tokens: int | None, label: str | None) -> Run:
+    separators = [i for i, line in enumerate(lines) if line.rstrip() == MODDED_SEPARATOR]
+    if batch_tokens is not None and batch_tokens <= 0:
+        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+    run = Run(
+        path=path,
+        run_id=path.stem,
+        baseline=MODDED_FORMAT,
+        group=label or f"{MODDED_FORMAT}:{path.stem}",
+        config={"batch_tokens": batch_tokens or DEFAULT_FOREIGN_BATCH_TOKENS},
+        log_format=MODDED_FORMAT,
+        batch_tokens_assumed=batch_tokens is None,
+    )
+    gpus: list[str] = []
+    for line in lines[separators[0] + 1:]:
+        if line.startswith("Running Python ") and len(line.split()) > 2:
+            run.python = line.split()[2]
+        elif line.startswith("Running PyTorch ") and len(line.split()) > 2:
+            run.torch = line.split()[2]
+            if " compiled for CUDA " in line:
+                run.cuda = line.split(" compiled for CUDA ")[1].split()[0]
+        elif match := _SMI_GPU_RE.match(line):
+            gpus.append(match.group(1))
+    if gpus and len(set(gpus)) == 1:
+        run.device = f"{gpus[0]} x{len(gpus)}"
+    elif gpus:
+        run.device = ", ".join(gpus)
+
+    for line in lines[separators[-1] + 1:]:
+        line = line.strip()
+        if match := _PEAK_RE.fullmatch(line):
+            run.peak_allocated_mib = int(match.group(1))
+            run.peak_reserved_mib = int(match.group(2))
+        elif line.startswith("step:"):
+            _add_modded_step(run, line)
+    if run.python is None and run.torch is None and last_step(run) is None:
+        raise LogError(path, "not a training log (a line of 100 '=' but no 'Running Python' line and no step "
+                             "line after it, as a modded-nanogpt log would have)")
+    run.ended = run.complete = run.num_steps is not None and any(s == run.num_steps for s, _, _ in run.val)
+    return run
+
+
+def _add_modded_step(run: Run, line: str) -> None:
+    """Record one `step:` line of a modded-nanogpt log; lines without a step and a time are ignored."""
+    fields = dict(token.partition(":")[::2] for token in line.split())
+    step_match = _STEP_FIELD_RE.fullmatch(fields.get("step", ""))
+    time_match = _TIME_FIELD_RE.fullmatch(fields.get("train_time", ""))
+    if not step_match or not time_match:
+        return
+    step, time_ms = int(step_match.group(1)), float(time_match.group(1))
+    try:
+        val_loss = float(fields["val_loss"]) if "val_loss" in fields else None
+        train_loss = float(fields["train_loss"]) if "train_loss" in fields else None
+    except ValueError:
+        return
+    run.num_steps = int(step_match.group(2))
+    if val_loss is not None:
+        run.val.append((step, val_loss, time_ms))
+        return
+    run.train.append((step, time_ms))
+    if train_loss is not None:
+        run.train_losses.append((step, train_loss))
+
+
+def last_step(run: Run) -> int | None:
+    """The highest step of any step line, or None if there is none."""
+    return max([s for s, _ in run.train] + [s for s, _, _ in run.val], default=None)
+
+
+def progress(run: Run) -> str:
+    """"last step 123/2500", or "no step logged"."""
+    step = last_step(run)
+    if step is None:
+        return "no step logged"
+    return f"last step {step}/{run.num_steps if run.num_steps is not None else '?'}"
 
 
 def final_val_loss(run: Run) -> float | None:
     """Validation loss of the last validation line, or None if there is none."""
     return run.val[-1][1] if run.val else None
+
+
+def final_train_loss(run: Run) -> float | None:
+    """Training loss of the last step line that carries one (may be nan or inf), or None."""
+    return run.train_losses[-1][1] if run.train_losses else None
 
 
 def total_train_time_ms(run: Run) -> float | None:
@@ -282,44 +436,77 @@ def total_train_time_ms(run: Run) -> float | None:
     return max(times) if times else None
 
 
+def _crossing(run: Run, target: float, x: Callable[[tuple[int, float, float]], float]) -> float | None:
+    """x (step or time) at which val loss first reaches <= target, interpolated linearly between
+    the validation points around the crossing; None if never reached."""
+    previous: tuple[int, float, float] | None = None
+    for point in run.val:
+        loss = point[1]
+        if loss <= target:
+            if previous is None or not math.isfinite(previous[1]):
+                return float(x(point))
+            loss0 = previous[1]
+            return x(previous) + (loss0 - target) / (loss0 - loss) * (x(point) - x(previous))
+        previous = point
+    return None
+
+
 def time_to_target(run: Run, target: float = TARGET_LOSS) -> float | None:
     """Training time (ms) at which val loss first reaches <= target, linearly interpolated
     between the validation points around the crossing; None if never reached."""
-    previous: tuple[int, float, float] | None = None
-    for point in run.val:
-        _, loss, time_ms = point
-        if loss <= target:
-            if previous is None or not math.isfinite(previous[1]):
-                return time_ms
-            _, loss0, time0 = previous
-            return time0 + (loss0 - target) / (loss0 - loss) * (time_ms - time0)
-        previous = point
-    return None
+    return _crossing(run, target, lambda point: point[2])
+
+
+def steps_to_target(run: Run, target: float = TARGET_LOSS) -> float | None:
+    """Step (fractional) at which val loss first reaches <= target, linearly interpolated
+    between the validation points around the crossing; None if never reached."""
+    return _crossing(run, target, lambda point: point[0])
+
+
+def _print_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def load_runs(
     paths: Iterable[str | Path],
     *,
-    skip_bad: bool = False,
+    strict: bool = False,
     allow_incomplete: bool = False,
-    warn: Callable[[str], None] = lambda msg: print(f"warning: {msg}", file=sys.stderr),
+    batch_tokens: int | None = None,
+    label: str | None = None,
+    warn: Callable[[str], None] = _print_stderr,
 ) -> list[Run]:
-    """Parse several logs; with skip_bad, logs that raise LogError are reported through `warn` and left out."""
+    """Parse several logs, leaving out the ones that cannot be used.
+
+    By default an unfinished log (not ended: the run was killed or is still running) is
+    reported through `warn` as "skipped unfinished log PATH (last step S/N)", and a log that
+    cannot be parsed (empty, foreign, broken) as "skipped PATH: problem"; both are left out.
+    strict=True raises LogError for either instead. allow_incomplete=True keeps unfinished
+    logs (ended=False). batch_tokens and label are passed to parse_log.
+    """
     runs = []
     for path in paths:
+        if strict:
+            runs.append(parse_log(path, allow_incomplete=allow_incomplete, batch_tokens=batch_tokens, label=label))
+            continue
         try:
-            runs.append(parse_log(path, allow_incomplete=allow_incomplete))
+            run = parse_log(path, allow_incomplete=True, batch_tokens=batch_tokens, label=label)
         except LogError as exc:
-            if not skip_bad:
-                raise
-            warn(f"skipping {exc}")
+            warn(f"skipped {exc}")
+            continue
+        if not run.ended and not allow_incomplete:
+            warn(f"skipped unfinished log {path} ({progress(run)})")
+            continue
+        runs.append(run)
     return runs
+
+
+def _fmt_loss(name: str, value: float | None) -> str:
+    return f"{name}={value:.4f}" if value is not None else f"{name}=-"
 
 
 def summary_line(run: Run, target: float = TARGET_LOSS) -> str:
     """One human-readable line describing a run."""
-    last_step = max([s for s, _ in run.train] + [s for s, _, _ in run.val], default=0)
-    loss = final_val_loss(run)
     total = total_train_time_ms(run)
     reached = time_to_target(run, target)
     status = "complete" if run.complete else (f"stopped ({run.stopped})" if run.stopped else "incomplete")
@@ -328,27 +515,50 @@ def summary_line(run: Run, target: float = TARGET_LOSS) -> str:
         run.run_id,
         run.group,
         f"device={run.device}",
-        f"steps={last_step}/{run.num_steps if run.num_steps is not None else '?'}",
-        f"final_val_loss={loss:.4f}" if loss is not None else "final_val_loss=-",
+        f"steps={last_step(run) or 0}/{run.num_steps if run.num_steps is not None else '?'}",
+        _fmt_loss("final_val_loss", final_val_loss(run)),
+        _fmt_loss("train_loss", final_train_loss(run)),
         f"train_time={total / 1000:.1f}s" if total is not None else "train_time=-",
         f"time_to_{target:g}={reached / 1000:.1f}s" if reached is not None else f"time_to_{target:g}=-",
         status,
     ]
     if run.resumed_from is not None:
         parts.append(f"resumed_from={run.resumed_from}")
+    if run.batch_tokens_assumed:
+        parts.append(f"batch_tokens={run.batch_tokens} (assumed)")
     return "  ".join(parts)
 
 
+def add_foreign_log_options(parser: argparse.ArgumentParser) -> None:
+    """--batch_tokens and --label, the two settings of logs without a config (modded-nanogpt)."""
+    parser.add_argument("--batch_tokens", type=int, default=None, metavar="N",
+                        help="tokens per step of modded-nanogpt logs, which do not record it "
+                             f"(default {DEFAULT_FOREIGN_BATCH_TOKENS:,}, marked as assumed)")
+    parser.add_argument("--label", default=None,
+                        help="group label of modded-nanogpt logs (default modded-nanogpt:<file stem>)")
+
+
+def check_foreign_log_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.batch_tokens is not None and args.batch_tokens <= 0:
+        parser.error(f"--batch_tokens must be positive, got {args.batch_tokens}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print a one-line summary of each training log.")
+    parser = argparse.ArgumentParser(description="Print a one-line summary of each training log "
+                                                 "(train_gpt or modded-nanogpt format).")
     parser.add_argument("logs", nargs="+", help="training log files")
     parser.add_argument("--target", type=float, default=TARGET_LOSS, help="target val loss (default 3.28)")
-    parser.add_argument("--allow-incomplete", action="store_true", help="accept logs without '=== end of run ==='")
+    parser.add_argument("--allow-incomplete", action="store_true",
+                        help="accept logs that have not ended (no '=== end of run ===' or final val line)")
+    add_foreign_log_options(parser)
     args = parser.parse_args(argv)
+    check_foreign_log_options(parser, args)
     failed = 0
     for path in args.logs:
         try:
-            print(summary_line(parse_log(path, allow_incomplete=args.allow_incomplete), args.target))
+            run = parse_log(path, allow_incomplete=args.allow_incomplete, batch_tokens=args.batch_tokens,
+                            label=args.label)
+            print(summary_line(run, args.target))
         except LogError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1

@@ -123,7 +123,7 @@ def main() -> None:
     H, D = cfg.num_heads, cfg.model_dim // cfg.num_heads
     device = torch.device("cuda")
     tokens = torch.from_numpy(synthetic_tokens(args.seq_len, np.random.default_rng(0)).astype(np.int64)).to(device)
-    docs = script.document_ids(tokens)
+    docs = script.document_ids(tokens, cfg.eot_token)
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, H, args.seq_len, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
     grad_out = torch.randn(1, H, args.seq_len, D, device=device, dtype=torch.bfloat16, generator=gen)

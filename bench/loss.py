@@ -5,8 +5,10 @@
 
 plain:     logits = (x @ w^T).float(), soft-cap, F.cross_entropy, the whole function compiled
            (what the first version of the scripts did: 65,536 x 50,304 float32 logits).
-chunk=K:   the script's HeadLoss: K rows at a time, products in eager mode, the script's
-           logit_loss compiled, gradients formed in the forward.
+chunk=K:   the script's fast output loss: K rows at a time, products in eager mode, each chunk's
+           loss and gradient by the fused Triton kernel, gradients formed in the forward;
+compiled chunk=K: the same with the chunk's loss and gradient by the script's logit_loss_grad
+           under torch.compile instead of the kernel (the fast loss without triton).
 --compare times the chunked variants of a second version of the script (e.g. the previous
 commit's, written out with `git show`) in the same process, on the same inputs.
 For each: forward+backward time (median), the memory it needs above its inputs, and the
@@ -59,12 +61,16 @@ def main() -> None:
             logits = cap * torch.sigmoid(logits / scale)
         return F.cross_entropy(logits, targets)
 
-    def chunked(module, k):
-        chunk_loss = torch.compile(module.logit_loss, dynamic=False)
-        return lambda x, w: module.HeadLoss.apply(x, w, targets, cap, scale, k, chunk_loss)
+    def chunked(module, k, compiled=False):
+        if not hasattr(module, "fast_output_loss"):  # a version before the fast-ops section
+            chunk_loss = torch.compile(module.logit_loss, dynamic=False)
+            return lambda x, w: module.HeadLoss.apply(x, w, targets, cap, scale, k, chunk_loss)
+        chunk_loss = torch.compile(module.logit_loss_grad, dynamic=False) if compiled else None
+        return lambda x, w: module.fast_output_loss(x, w, targets, cap, scale, chunk=k, chunk_loss=chunk_loss)
 
     variants = [] if args.no_plain else [("plain", torch.compile(plain, dynamic=False))]
     variants += [(f"chunk={k}", chunked(script, k)) for k in args.chunks]
+    variants += [(f"compiled chunk={k}", chunked(script, k, compiled=True)) for k in args.chunks]
     if args.compare:
         other = load_script(args.compare, "compared")
         variants += [(f"{args.compare} chunk={k}", chunked(other, k)) for k in args.chunks]

@@ -1,13 +1,14 @@
 """What the compiled model body keeps from its forward for its backward, found on CPU, no GPU needed.
 
-    python bench/memory.py [--script train_gpt_M.py] [--seq_len 512] [--model_dim 64] [--num_heads 2]
+    python bench/memory.py [--script train_gpt_M.py] [--seq_len 512] [--model_dim 64] [--num_heads 2] [--plain]
 
 The body is compiled with AOTAutograd and the min-cut partitioner that torch.compile also uses on
 the GPU, without code generation: the forward graph's extra outputs are the tensors kept for the
 backward. Views count once, through the tensor they view. Two small models (2 and 3 layers)
 give the bytes one layer keeps; these are printed per tensor and in units of one T x model_dim
 bfloat16 tensor, and scaled to the script's full configuration (activation memory only: the
-parameters, optimizer state, output layer and loss come on top).
+parameters, optimizer state, output layer and loss come on top). --plain measures the model
+section's plain ops (--fast_ops=false) instead of the fast ops.
 """
 import argparse
 import operator
@@ -27,12 +28,12 @@ VIEWS = {aten.view.default, aten.transpose.int, aten.select.int, aten.detach.def
          aten.slice.Tensor, aten.expand.default, aten.alias.default}
 
 
-def kept_tensors(module, num_layers: int, seq_len: int, model_dim: int, num_heads: int) -> dict[str, torch.Tensor]:
+def kept_tensors(module, num_layers: int, seq_len: int, model_dim: int, num_heads: int, fast_ops: bool = True) -> dict[str, torch.Tensor]:
     """The distinct non-input tensors (fake, shapes and dtypes only) that the compiled body of a
     bfloat16 `module.GPT` keeps for its backward, by graph node name."""
     torch._dynamo.reset()
     cfg = module.parse_config(["--preset=tiny", f"--model_dim={model_dim}", f"--num_heads={num_heads}",
-                               f"--num_layers={num_layers}", f"--seq_len={seq_len}"])
+                               f"--num_layers={num_layers}", f"--seq_len={seq_len}", f"--fast_ops={fast_ops}"])
     model = module.GPT(cfg).to(torch.bfloat16)
     kept: dict[str, torch.Tensor] = {}
 
@@ -51,10 +52,10 @@ def kept_tensors(module, num_layers: int, seq_len: int, model_dim: int, num_head
 
     backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm),
                            partition_fn=min_cut_rematerialization_partition)
-    tokens = torch.randint(0, module.EOT_TOKEN, (seq_len,))
-    tokens[torch.randint(0, seq_len, (max(seq_len // 64, 1),))] = module.EOT_TOKEN
-    rope = module.rope_tables(seq_len, model_dim // num_heads, cfg.rope_base, tokens.device)
-    torch.compile(model.body, backend=backend, dynamic=False)(tokens, rope).float().sum().backward()
+    tokens = torch.randint(0, cfg.eot_token, (seq_len,))
+    tokens[torch.randint(0, seq_len, (max(seq_len // 64, 1),))] = cfg.eot_token
+    cos, sin = model.rope_cos, model.rope_sin
+    torch.compile(model.body, backend=backend, dynamic=False)(tokens, cos, sin).float().sum().backward()
     return kept
 
 
@@ -62,9 +63,9 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def per_layer_bytes(module, seq_len: int, model_dim: int, num_heads: int) -> int:
+def per_layer_bytes(module, seq_len: int, model_dim: int, num_heads: int, fast_ops: bool = True) -> int:
     """Bytes one layer keeps: the 3-layer body's minus the 2-layer body's."""
-    sizes = [nbytes(kept_tensors(module, n, seq_len, model_dim, num_heads).values()) for n in (2, 3)]
+    sizes = [nbytes(kept_tensors(module, n, seq_len, model_dim, num_heads, fast_ops).values()) for n in (2, 3)]
     return sizes[1] - sizes[0]
 
 
@@ -74,12 +75,13 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--model_dim", type=int, default=64)
     parser.add_argument("--num_heads", type=int, default=2)
+    parser.add_argument("--plain", action="store_true", help="the plain ops (--fast_ops=false)")
     args = parser.parse_args()
     module = load_script(args.script, "bench_memory_" + os.path.splitext(os.path.basename(args.script))[0])
     unit = args.seq_len * args.model_dim * 2
-    small, large = (kept_tensors(module, n, args.seq_len, args.model_dim, args.num_heads) for n in (2, 3))
-    print(f"{args.script}, torch {torch.__version__}: T={args.seq_len}, model_dim={args.model_dim}, "
-          f"{args.num_heads} heads; unit = one T x model_dim bfloat16 tensor ({unit:,} bytes)")
+    small, large = (kept_tensors(module, n, args.seq_len, args.model_dim, args.num_heads, not args.plain) for n in (2, 3))
+    print(f"{args.script} ({'plain' if args.plain else 'fast'} ops), torch {torch.__version__}: T={args.seq_len}, "
+          f"model_dim={args.model_dim}, {args.num_heads} heads; unit = one T x model_dim bfloat16 tensor ({unit:,} bytes)")
     print("tensors kept by the 3-layer body and not by the 2-layer one (one layer's):")
     counts_small: dict[tuple, int] = {}
     for t in small.values():

@@ -2,12 +2,17 @@
 
 Usage:
     python data/cached_fineweb10B.py [K] [--baseline A|M] [--out data/fineweb10B]
+        [--num_iterations N] [--batch_tokens N] [--no_train] [--no_val]
 
 Fetches the validation shard fineweb_val_000000.bin and the first K training shards
 fineweb_train_000001.bin ... from the Hugging Face dataset repo kjj0/fineweb10B-gpt2
 (100,000,000 tokens each) into --out (default: data/fineweb10B/ of this repository).
 Without K it fetches exactly what the chosen baseline's training run reads (default
-baseline M: 14 shards; A: 24), computed by `shards_needed`.
+baseline M: 14 shards; A: 24), computed by `shards_needed`; --num_iterations and
+--batch_tokens replace the baseline's values in that count (as the same options of the
+training scripts do). --no_train fetches no training shard (a run given --train_files),
+--no_val no validation shard (a run given --val_files). ./run.sh passes these from the
+training arguments.
 
 Shards already present and valid (header and size check) are skipped; a broken or
 partial file is deleted and fetched again; a download that is still invalid is an
@@ -76,9 +81,9 @@ def baseline_shards(baseline: str) -> int:
     return shards_needed(**BASELINES[baseline])
 
 
-def shard_filenames(num_train: int) -> list[str]:
-    """The validation shard followed by the first `num_train` training shards."""
-    return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, num_train + 1)]
+def shard_filenames(num_train: int, val: bool = True) -> list[str]:
+    """The validation shard (unless not `val`) followed by the first `num_train` training shards."""
+    return (["fineweb_val_000000.bin"] if val else []) + [f"fineweb_train_{i:06d}.bin" for i in range(1, num_train + 1)]
 
 
 def shard_token_count(path: str | Path) -> int | None:
@@ -130,9 +135,9 @@ def _describe(err: BaseException) -> str:
 
 
 def download(
-    num_train: int, out_dir: str | Path = DEFAULT_OUT, fetch: Fetch = hf_fetch, progress: bool = True
+    num_train: int, out_dir: str | Path = DEFAULT_OUT, fetch: Fetch = hf_fetch, progress: bool = True, val: bool = True
 ) -> list[Path]:
-    """Make sure the val shard and the first `num_train` training shards are in out_dir.
+    """Make sure the val shard (unless not `val`) and the first `num_train` training shards are in out_dir.
 
     Returns their paths. Raises DownloadError on the first file that cannot be fetched
     or that is invalid after fetching (that file is deleted).
@@ -141,7 +146,7 @@ def download(
         raise DownloadError(f"the dataset has {NUM_TRAIN_SHARDS_AVAILABLE} training shards; asked for {num_train}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = shard_filenames(num_train)
+    names = shard_filenames(num_train, val)
     paths = [out / name for name in names]
     bar = tqdm(total=len(names), unit="shard", desc=f"FineWeb shards in {out}", disable=not progress)
     for name, path in zip(names, paths):
@@ -184,15 +189,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", choices=sorted(BASELINES), default="M", help="baseline whose run K covers (default: M)"
     )
+    parser.add_argument(
+        "--num_iterations", type=int, help="steps of the run K covers (default: the baseline's num_iterations)"
+    )
+    parser.add_argument(
+        "--batch_tokens", type=int, help="tokens per step of that run (default: the baseline's batch_tokens)"
+    )
+    parser.add_argument("--no_train", action="store_true", help="fetch no training shard (K = 0)")
+    parser.add_argument("--no_val", action="store_true", help="fetch no validation shard")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    num_train = baseline_shards(args.baseline) if args.num_train is None else args.num_train
+    sized = args.num_iterations is not None or args.batch_tokens is not None
+    if sum((args.num_train is not None, sized, args.no_train)) > 1:
+        parser.error("give at most one of K, --num_iterations/--batch_tokens and --no_train")
+    if args.no_train:
+        num_train = 0
+    elif args.num_train is not None:
+        num_train = args.num_train
+    else:
+        run = dict(BASELINES[args.baseline])
+        for key in ("num_iterations", "batch_tokens"):
+            if getattr(args, key) is not None:
+                run[key] = getattr(args, key)
+        if min(run.values()) < 1:
+            parser.error(f"--num_iterations and --batch_tokens must be positive, not {run}")
+        try:
+            num_train = shards_needed(**run)
+        except ValueError as err:
+            parser.error(str(err))
     try:
-        paths = download(num_train, args.out)
+        paths = download(num_train, args.out, val=not args.no_val)
     except DownloadError as err:
         print(f"cached_fineweb10B.py: error: {err}", file=sys.stderr)
         return 1
-    print(f"{len(paths)} shards ready in {args.out} (val + {num_train} train)")
+    print(f"{len(paths)} shards ready in {args.out} ({'no val' if args.no_val else 'val'} + {num_train} train)")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Turn your own text into GPT-2 token shards in the FineWeb .bin format.
 
 Usage:
-    python data/tokenize.py INPUT [INPUT ...] --out DIR [--name NAME]
+    python data/tokenize.py INPUT [INPUT ...] --out DIR [--name NAME] [--overwrite]
         [--shard_tokens 100000000] [--val_docs N | --val_tokens N] [--workers N]
         [--txt_docs file|blank_lines] [--text_key text]
 
@@ -28,8 +28,16 @@ the validation split first:
 Each shard holds `--shard_tokens` tokens except the last one of each split; a document
 may run on from one shard into the next, as in the FineWeb shards.
 
-Offline use: tiktoken reads the GPT-2 files from TIKTOKEN_CACHE_DIR (it downloads them
-on first use otherwise).
+DIR must be empty or new: a folder that already holds files is refused (exit code 2), since the
+training scripts' `NAME_train_*.bin` glob would also take stale shards left there.
+`--overwrite` accepts it and replaces that NAME's shards (NAME_val_NNNNNN.bin,
+NAME_train_NNNNNN.bin); every other file stays, and a note lists them. The shards are
+written into a hidden folder DIR/.NAME.partial-XXXXXXXX and moved into DIR only once the
+whole input is tokenized; on any error (bad input line, nothing left for training,
+Ctrl-C) that folder is deleted and DIR is left as it was, old shards included.
+
+The GPT-2 files: from TIKTOKEN_CACHE_DIR when it is set, else from this repository's
+data/tokenizer/ (no network needed), else tiktoken downloads them.
 
 Library use: `tokenize_files(inputs, out_dir, encoder=..., eot=...)` accepts any
 encoder with `encode_ordinary(str) -> list[int]`.
@@ -48,7 +56,12 @@ if __name__ in ("__main__", "__mp_main__"):
         del sys.modules["tokenize"]
 
 import argparse
+import contextlib
+import hashlib
 import json
+import re
+import shutil
+import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,34 +81,85 @@ DEFAULT_VAL_TOKENS = 10_485_761
 TXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".json")
 DOCS_PER_TASK = 64
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+# tiktoken's cache names for the GPT-2 files (sha1 of the download URL) -> the sha256 it pins.
+GPT2_FILES = {
+    "6d1cbeee0f20b3d9449abfede4726ed8212e3aee": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
 
 
 class TokenizeError(RuntimeError):
     """A problem with the inputs, the options or the tokenizer, explained for the user."""
 
 
+class UsageError(TokenizeError):
+    """Options that cannot work together, or an output folder refused; the CLI exits with 2."""
+
+
 class Encoder(Protocol):
     def encode_ordinary(self, text: str) -> list[int]: ...
 
 
-def load_gpt2_encoder() -> Encoder:
-    """tiktoken's GPT-2 encoding, with a clear error when its files cannot be had."""
+def tokenizer_dir_problem(folder: Path) -> str | None:
+    """Why `folder` cannot serve tiktoken's GPT-2 files, or None when both are there, intact."""
+    for cache_name, sha256 in GPT2_FILES.items():
+        path = Path(folder) / cache_name
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            return f"{path}: {err.strerror or type(err).__name__}"
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return f"{path}: sha256 differs from the one tiktoken pins"
+    return None
+
+
+@contextlib.contextmanager
+def _tiktoken_cache_dir(folder: Path) -> Iterator[None]:
+    # tiktoken reads TIKTOKEN_CACHE_DIR on each load, so set it for this load only.
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        del os.environ["TIKTOKEN_CACHE_DIR"]
+
+
+def load_gpt2_encoder(tokenizer_dir: Path | None = None) -> Encoder:
+    """tiktoken's GPT-2 encoding, from TIKTOKEN_CACHE_DIR when it is set, else from the
+    repository's data/tokenizer/ (or `tokenizer_dir`), else downloaded; a clear error when
+    none of these works."""
     try:
         import tiktoken
     except ImportError as err:
         raise TokenizeError("tiktoken is not installed: pip install tiktoken") from err
+    folder = Path(tokenizer_dir) if tokenizer_dir is not None else TOKENIZER_DIR
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
+    problem = None if cache is not None else tokenizer_dir_problem(folder)
     try:
+        if cache is None and problem is None:
+            with _tiktoken_cache_dir(folder):
+                return tiktoken.get_encoding("gpt2")
         return tiktoken.get_encoding("gpt2")
     except Exception as err:
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR")
-        where = f"TIKTOKEN_CACHE_DIR={cache}" if cache else "TIKTOKEN_CACHE_DIR is not set"
-        raise TokenizeError(
-            "could not load tiktoken's GPT-2 encoding "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            "tiktoken downloads vocab.bpe/encoder.json on first use; offline, point "
-            "TIKTOKEN_CACHE_DIR at a folder that holds its cached GPT-2 files "
-            f"({where})."
-        ) from err
+        cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if cache is not None:
+            hint = (
+                f"TIKTOKEN_CACHE_DIR={cache} is set, so tiktoken looked there and then tried to download; "
+                f"unset it to use this repository's copy in {folder}, or point it at a folder that "
+                "holds tiktoken's cached GPT-2 files"
+            )
+        elif problem is not None:
+            hint = (
+                f"this repository's copy of the GPT-2 files is missing or damaged ({problem}) and the "
+                "download failed: restore data/tokenizer/ (git checkout -- data/tokenizer), or set "
+                "TIKTOKEN_CACHE_DIR to a folder that holds tiktoken's cached GPT-2 files"
+            )
+        else:
+            hint = (
+                f"tiktoken did not load the GPT-2 files in {folder}: check the tiktoken install "
+                "(pip install -U tiktoken), or set TIKTOKEN_CACHE_DIR to a folder that holds its cached GPT-2 files"
+            )
+        raise TokenizeError(f"could not load tiktoken's GPT-2 encoding ({cause}): {hint}.") from err
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
@@ -124,6 +188,25 @@ def read_shard(path: Path) -> np.ndarray:
         if path.stat().st_size != HEADER_BYTES + 2 * count:
             raise ValueError(f"{path}: size {path.stat().st_size} does not match {count} tokens in the header")
         return np.frombuffer(f.read(), dtype="<u2").astype(np.uint16)
+
+
+def shard_pattern(name: str) -> re.Pattern[str]:
+    """File names of the shards tokenize_files writes under this name prefix."""
+    return re.compile(rf"{re.escape(name)}_(val|train)_\d{{6,}}\.bin")
+
+
+def out_dir_entries(out: Path, name: str) -> tuple[list[Path], list[Path]]:
+    """(this name's shards, every other entry) in folder `out`, which may not exist."""
+    if not out.is_dir():
+        return [], []
+    pattern = shard_pattern(name)
+    entries = sorted(out.iterdir())
+    shards = [p for p in entries if pattern.fullmatch(p.name) and p.is_file()]
+    return shards, [p for p in entries if p not in shards]
+
+
+def _listing(paths: list[Path]) -> str:
+    return ", ".join(p.name for p in paths[:5]) + (", ..." if len(paths) > 5 else "")
 
 
 def list_input_files(inputs: Sequence[str | Path]) -> list[Path]:
@@ -278,38 +361,87 @@ def tokenize_files(
     txt_docs: str = "file",
     text_key: str = "text",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, list[Path]]:
     """Tokenize the inputs into shards; return {"val": [paths], "train": [paths]}.
 
     At most one of val_docs / val_tokens may be given; with neither, val_tokens is
     DEFAULT_VAL_TOKENS. The encoder defaults to tiktoken's GPT-2 and eot to its
-    end-of-text id (50256).
+    end-of-text id (50256). out_dir must be empty or new unless `overwrite`, which
+    replaces this name's shards there. Shards are written to a hidden folder inside
+    out_dir and moved into it only once all input is read; on any error out_dir is left
+    as it was.
     """
     if val_docs is not None and val_tokens is not None:
-        raise TokenizeError("give --val_docs or --val_tokens, not both")
+        raise UsageError("give --val_docs or --val_tokens, not both")
     if val_docs is None and val_tokens is None:
         val_tokens = DEFAULT_VAL_TOKENS
     if (val_docs or 0) < 0 or (val_tokens or 0) < 0:
-        raise TokenizeError("--val_docs / --val_tokens must not be negative")
+        raise UsageError("--val_docs / --val_tokens must not be negative")
     if not 0 < shard_tokens < 2**31:
-        raise TokenizeError(f"--shard_tokens must be between 1 and 2**31 - 1, not {shard_tokens}")
+        raise UsageError(f"--shard_tokens must be between 1 and 2**31 - 1, not {shard_tokens}")
     if not name or "/" in name or os.sep in name:
-        raise TokenizeError(f"--name must be a plain file-name prefix, not {name!r}")
+        raise UsageError(f"--name must be a plain file-name prefix, not {name!r}")
     files = list_input_files(inputs)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if encoder is None:
-        encoder = load_gpt2_encoder()
-    if eot is None:
-        eot = int(getattr(encoder, "eot_token", GPT2_EOT))
+    old, others = out_dir_entries(out, name)
+    if (old or others) and not overwrite:
+        raise UsageError(
+            f"output folder {out} is not empty ({len(old) + len(others)} entries: {_listing(old + others)}). "
+            f"Give a new or empty --out folder, or pass --overwrite to replace the {name}_val_*/{name}_train_* "
+            f"shards there ({len(old)} now); other files are left alone"
+        )
     workers = workers or os.cpu_count() or 1
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    partial: Path | None = None
+    try:
+        if encoder is None:
+            encoder = load_gpt2_encoder()
+        if eot is None:
+            eot = int(getattr(encoder, "eot_token", GPT2_EOT))
+        partial = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out))
+        docs = iter_documents(files, txt_docs=txt_docs, text_key=text_key)
+        encoded = encode_documents(docs, encoder, eot, workers=workers)
+        with tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {len(files)} file(s)", disable=not progress) as bar:
+            written = _write_shards(encoded, partial, name, shard_tokens, val_docs, val_tokens, bar)
+        old, others = out_dir_entries(out, name)
+        others = [p for p in others if p.name != partial.name]
+        for path in old:
+            path.unlink()
+        shards: dict[str, list[Path]] = {}
+        for split, paths in written.items():
+            shards[split] = [out / p.name for p in paths]
+            for src, dst in zip(paths, shards[split]):
+                os.replace(src, dst)
+        partial.rmdir()
+    except BaseException:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    if old or others:
+        kept = f"; other entries left in place ({len(others)}): {_listing(others)}" if others else ""
+        print(f"tokenize.py: note: --overwrite replaced {len(old)} old {name} shard(s) in {out}{kept}", file=sys.stderr)
+    return shards
 
+
+def _write_shards(
+    encoded: Iterable[np.ndarray],
+    out: Path,
+    name: str,
+    shard_tokens: int,
+    val_docs: int | None,
+    val_tokens: int | None,
+    bar: tqdm,
+) -> dict[str, list[Path]]:
+    """Write the encoded documents as shards into `out`; raise when nothing is left for training."""
     val = ShardWriter(out, name, "val", shard_tokens, first_index=0)
     train: ShardWriter | None = None
     n_val_docs = 0
-    docs = iter_documents(files, txt_docs=txt_docs, text_key=text_key)
-    bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {len(files)} file(s)", disable=not progress)
-    for tokens in encode_documents(docs, encoder, eot, workers=workers):
+    for tokens in encoded:
         if tokens.max() >= 2**16 or tokens.min() < 0:
             raise TokenizeError(f"token id {int(tokens.max())} does not fit in uint16; shards hold ids below 65536")
         in_val = (val_docs is not None and n_val_docs < val_docs) or (val_tokens is not None and val.total < val_tokens)
@@ -322,7 +454,6 @@ def tokenize_files(
                 train = ShardWriter(out, name, "train", shard_tokens, first_index=max(1, val.next_index))
             train.add(tokens)
         bar.update(len(tokens))
-    bar.close()
     val.flush()
     if train is None or train.total == 0:
         raise TokenizeError(
@@ -336,11 +467,17 @@ def tokenize_files(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Tokenize text (.txt / .jsonl) into GPT-2 token shards in the FineWeb .bin format.",
-        epilog="Offline: set TIKTOKEN_CACHE_DIR to a folder with tiktoken's cached GPT-2 files.",
+        epilog="The GPT-2 files come from TIKTOKEN_CACHE_DIR when it is set, else from data/tokenizer/ "
+        "(no network needed).",
     )
     parser.add_argument("inputs", nargs="+", help=".txt, .jsonl or .json files, or folders holding them")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder, new or empty unless --overwrite")
     parser.add_argument("--name", default="custom", help="shard name prefix (default: custom)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="accept a non-empty --out: replace its NAME_val_*/NAME_train_* shards, leave every other file",
+    )
     parser.add_argument(
         "--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (default: 100,000,000)"
     )
@@ -365,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.inputs,
             args.out,
             name=args.name,
+            overwrite=args.overwrite,
             shard_tokens=args.shard_tokens,
             val_docs=args.val_docs,
             val_tokens=args.val_tokens,
@@ -374,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except TokenizeError as err:
         print(f"tokenize.py: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, UsageError) else 1
     for split in ("val", "train"):
         for path in shards[split]:
             count = (path.stat().st_size - HEADER_BYTES) // 2

@@ -1,13 +1,25 @@
-"""Shared test helpers: load the two training scripts as modules, write token shards."""
+"""Shared test helpers: load the two training scripts as modules, write token shards, and the
+small-vocabulary configuration most tests train with.
+
+The tiny preset keeps GPT-2's vocabulary (its output layer is 6.4M of its 6.5M parameters, and
+most of a CPU step). Where the vocabulary is not the property under test, tests train the tiny
+preset with SMALL_VOCAB tokens on shards they write themselves (`tiny_args`)."""
 import importlib.util
 import os
 import sys
 
+# Triton kernels run on the CPU under Triton's interpreter, which triton.jit chooses when the scripts
+# define their kernels: so before any script is loaded
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("A", "M")
+SMALL_VOCAB = 512  # token ids 0..511, a multiple of the output layer's padding: no padded rows
+SMALL_EOT = SMALL_VOCAB - 1  # the end-of-text token of the small vocabulary
 
 
 def load_script(baseline: str):
@@ -29,13 +41,28 @@ def write_shard(path, tokens, magic: int = 20240520, version: int = 1, count: in
         f.write(np.asarray(tokens, dtype="<u2").tobytes())
 
 
-def learnable_tokens(n: int, rng: np.random.Generator, eot: int = 50256) -> np.ndarray:
-    """Documents of a small repeating vocabulary: a tiny model learns them in a few dozen steps."""
-    vocab = rng.choice(5000, size=16, replace=False)
+def learnable_tokens(n: int, rng: np.random.Generator, eot: int = SMALL_EOT) -> np.ndarray:
+    """Documents of a small repeating vocabulary below `eot`: a tiny model learns them in a few dozen steps."""
+    vocab = rng.choice(min(eot, 5000), size=16, replace=False)
     tokens = vocab[(np.arange(n) * 7 + rng.integers(0, 2, n)) % 16]
     tokens[rng.random(n) < 0.005] = eot
     tokens[0] = eot
     return tokens.astype(np.uint16)
+
+
+def write_learnable_shards(folder, train_tokens: int = 200_000, val_tokens: int = 20_000, prefix: str = "t") -> tuple[str, str]:
+    """A training and a validation shard of small-vocabulary learnable text; returns their glob patterns."""
+    tokens = learnable_tokens(train_tokens + val_tokens, np.random.default_rng())
+    write_shard(os.path.join(folder, f"{prefix}_train_000001.bin"), tokens[:train_tokens])
+    write_shard(os.path.join(folder, f"{prefix}_val_000000.bin"), tokens[train_tokens:])
+    return os.path.join(folder, f"{prefix}_train_*.bin"), os.path.join(folder, f"{prefix}_val_*.bin")
+
+
+def tiny_args(train: str, val: str, log_dir, **fields) -> list[str]:
+    """The tiny preset with the small vocabulary on the given shards, then `fields` as --name=value."""
+    base = {"preset": "tiny", "vocab_size": SMALL_VOCAB, "eot_token": SMALL_EOT, "train_files": train, "val_files": val,
+            "log_dir": log_dir, **fields}
+    return [f"--{k}={v}" for k, v in base.items()]
 
 
 @pytest.fixture(params=BASELINES)
@@ -45,8 +72,42 @@ def script(request):
 
 @pytest.fixture
 def shards(tmp_path):
-    """A training shard and a validation shard of learnable text; returns their glob patterns."""
-    tokens = learnable_tokens(220_000, np.random.default_rng())
-    write_shard(tmp_path / "t_train_000001.bin", tokens[:200_000])
-    write_shard(tmp_path / "t_val_000000.bin", tokens[200_000:])
-    return str(tmp_path / "t_train_*.bin"), str(tmp_path / "t_val_*.bin")
+    """A training shard and a validation shard of learnable small-vocabulary text; returns their glob patterns."""
+    return write_learnable_shards(tmp_path)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (as the gloo worker processes run), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+STEPS = 12  # the shared run's steps: validated and checkpointed every HALF
+HALF = STEPS // 2
+
+
+@pytest.fixture(scope="session", params=BASELINES)
+def trained(request, tmp_path_factory):
+    """One small-vocabulary tiny run per script, shared by the end-to-end and checkpoint tests:
+    STEPS steps, validation and a checkpoint every HALF (both kept), the checkpoint writes' renames
+    recorded. Returns the script module, the run's result and its arguments."""
+    baseline = request.param
+    mod = load_script(baseline)
+    tmp = tmp_path_factory.mktemp(f"trained_{baseline}")
+    train, val = write_learnable_shards(tmp)
+    args = dict(train=train, val=val, tmp=tmp)
+    argv = tiny_args(train, val, tmp / "logs", num_iterations=STEPS, val_loss_every=HALF, val_tokens=2048,
+                     warmup_compile_steps=1, checkpoint_dir=tmp / "ckpt", checkpoint_every=HALF, keep_checkpoints=0)
+    real_replace, renames = os.replace, []
+
+    def spy_replace(src, dst):
+        renames.append((str(src), str(dst)))
+        real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", spy_replace)
+        result = mod.main(argv)
+    return {"baseline": baseline, "mod": mod, "result": result, "argv": argv, "renames": renames, **args}

@@ -42,7 +42,7 @@ def test_mean_keys_per_query_counts_the_mask():
     for window in (1, 17, 64, 1000):
         tokens = rng.integers(0, 100, 300).astype(np.int64)
         tokens[rng.choice(300, 12, replace=False)] = synthetic.EOT_TOKEN
-        docs = A.document_ids(torch.from_numpy(tokens))
+        docs = A.document_ids(torch.from_numpy(tokens), synthetic.EOT_TOKEN)
         expected = A.dense_mask(docs, window).sum(1).double().mean().item()
         assert speed.mean_keys_per_query(tokens, window) == pytest.approx(expected)
 
@@ -64,3 +64,96 @@ def test_speed_table_runs_tiny_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "| script | ms per step | tokens per s | MFU | peak memory allocated |" in out
     assert out.count("| train_gpt_") == 2
+
+
+FAKE_REFERENCE = """import os, sys, uuid
+class Hyperparameters:
+    train_files = "data/fineweb10B/fineweb_train_*.bin" # input
+    val_files = "data/fineweb10B/fineweb_val_*.bin" # input
+    val_tokens = 10485760 # how many
+    num_iterations = 2500 # number of iterations
+    val_loss_every = 125 # every
+args = Hyperparameters()
+world_size = int(os.environ["WORLD_SIZE"])
+assert world_size == 8 # this code is designed for 8xH100
+import torch
+from torch import nn
+GPT = lambda a: None
+model: nn.Module = GPT(args)
+os.makedirs("logs", exist_ok=True)
+with open(f"logs/{uuid.uuid4()}.txt", "w") as f:
+    f.write(open(__file__).read() + "\\n" + "=" * 100 + "\\n")
+    f.write(f"seed {torch.initial_seed()} files {args.train_files} {args.val_files}\\n" + "=" * 100 + "\\n")
+    for step in range(1, args.num_iterations + 1):
+        f.write(f"step:{step}/{args.num_iterations} train_time:{10 * step}ms step_avg:10.00ms\\n")
+    f.write(f"step:{args.num_iterations}/{args.num_iterations} val_loss:4.0000 train_time:{10 * args.num_iterations}ms step_avg:10.00ms\\n")
+"""
+
+
+def load_bench(name: str):
+    if f"bench_{name}" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[f"bench_{name}"]
+
+
+def test_reference_runner_patches_a_copy_and_returns_its_log(tmp_path):
+    """bench/reference.py on a stand-in with the published scripts' patch points: the copy runs on one
+    process with the asked steps, data and seed; the original is untouched; its log is parsed as a
+    modded-nanogpt log."""
+    reference = load_bench("reference")
+    script = tmp_path / "train_gpt_M.py"
+    script.write_text(FAKE_REFERENCE)
+    seed = int(np.random.default_rng().integers(1000))
+    log = reference.run_reference(reference.parser().parse_args(
+        ["M", "--script", str(script), "--steps", "7", "--train", "x_train_*.bin", "--val", "x_val_*.bin",
+         "--seed", str(seed), "--log_dir", str(tmp_path / "logs")]))
+    text = open(log).read()
+    assert f"seed {seed} files {os.path.abspath('x_train_*.bin')} {os.path.abspath('x_val_*.bin')}" in text
+    assert script.read_text() == FAKE_REFERENCE
+    assert "class Hyperparameters" not in text and text.startswith("(the source of the published reference script")
+    sys.path.insert(0, ROOT)
+    import runlog
+
+    run = runlog.parse_log(log, batch_tokens=65536)
+    assert run.num_steps == 7 and run.val[-1][1] == 4.0 and dict(run.train)[7] == 70.0
+
+
+def test_reference_runner_refuses_a_script_without_its_patch_points(tmp_path):
+    reference = load_bench("reference")
+    script = tmp_path / "other.py"
+    script.write_text(FAKE_REFERENCE.replace("num_iterations = 2500", "steps = 2500"))
+    args = reference.parser().parse_args(["A", "--script", str(script), "--steps", "3", "--train", "t", "--val", "v"])
+    with pytest.raises(reference.ReferenceError, match="0 places matching.*num_iterations"):
+        reference.patch_source(script.read_text(), args)
+
+
+def test_interaction_of_a_synthetic_two_by_two(tmp_path):
+    """Cells from the logs' optimizer and architecture; the interaction and its Welch interval against a
+    hand computation."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_results_tools import curve_log
+
+    interaction = load_bench("interaction")
+    rng = np.random.default_rng()
+    truth = {("A", True, 0.0): 5.3, ("A", False, 30.0): 7.6, ("M", True, 0.0): 9.0, ("M", False, 30.0): 4.6}
+    losses = {}
+    for (baseline, tied, cap), mean in truth.items():
+        losses[(baseline, tied)] = list(mean + rng.normal(0, 0.02, 3).round(4))
+        for i, loss in enumerate(losses[(baseline, tied)]):
+            curve_log(tmp_path / f"{baseline}_{tied}_{i}.txt", [(0, 11.0), (10, loss)], num_steps=10, baseline=baseline,
+                      tied_embed=tied, logit_softcap=cap)
+    runs = interaction.load_runs(sorted(tmp_path.glob("*.txt")))
+    cells, effects = interaction.analyse(runs)
+    assert [len(v) for v in cells.values()] == [3, 3, 3, 3]
+    estimate = effects["interaction (Muon@M - Muon@A) - (AdamW@M - AdamW@A)"]
+    groups = [losses[("A", True)], losses[("A", False)], losses[("M", True)], losses[("M", False)]]
+    expected = np.mean(groups[3]) - np.mean(groups[2]) - np.mean(groups[1]) + np.mean(groups[0])
+    assert estimate.mean == pytest.approx(expected) and estimate.lo < expected < estimate.hi
+    variance = sum(np.var(g, ddof=1) / 3 for g in groups)
+    assert estimate.hi - estimate.mean == pytest.approx(
+        __import__("scipy").stats.t.ppf(0.975, estimate.df) * variance**0.5)
+    interaction.plot(cells, str(tmp_path / "fig.png"), "test")
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

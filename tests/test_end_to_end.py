@@ -1,27 +1,37 @@
-"""End to end: each script's tiny preset trains on CPU on shards the test writes, and its loss falls;
-the twins differ only where the ablation lives."""
+"""End to end: each script trains on CPU (the shared small-vocabulary tiny run of conftest, and the
+tiny preset as shipped, GPT-2 vocabulary and embedded sample), and its loss falls; the twins differ
+only where the ablation lives."""
 import ast
 import difflib
 import importlib.util
+import math
 import os
 
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import HALF, ROOT, STEPS, load_script
 
 
-def test_tiny_preset_trains_and_loss_falls(script, shards, tmp_path):
-    train, val = shards
-    result = script.main(["--preset=tiny", f"--train_files={train}", f"--val_files={val}",
-                          f"--log_dir={tmp_path}", "--num_iterations=30", "--val_loss_every=10"])
+def test_small_vocabulary_run_trains_and_loss_falls(trained):
+    result = trained["result"]
     losses = result["val_losses"]
-    assert sorted(losses) == [0, 10, 20, 30]
-    assert losses[30] < losses[0] - 2.0, losses
-    assert result["train_losses"][-1] < result["train_losses"][0] - 2.0
+    assert sorted(losses) == [0, HALF, STEPS]
+    assert losses[STEPS] < losses[0] - 2.0, losses
+    assert len(result["train_losses"]) == STEPS and result["train_losses"][-1] < result["train_losses"][0] - 2.0
+
+
+@pytest.mark.parametrize("baseline", ["A", "M"])
+def test_tiny_preset_as_shipped_trains_on_the_embedded_sample(baseline, tmp_path):
+    """The preset's own data and GPT-2 vocabulary (no overrides but the length): the loss falls from
+    about ln(50,304) within a few steps."""
+    result = load_script(baseline).main(["--preset=tiny", f"--log_dir={tmp_path}", "--num_iterations=4",
+                                         "--val_loss_every=0", "--val_tokens=2048", "--warmup_compile_steps=0"])
+    losses = result["train_losses"]
+    assert losses[0] == pytest.approx(math.log(50304), abs=0.5) and losses[-1] < losses[0] - 0.3, losses
 
 
 def allowed_lines(path: str) -> set[int]:
-    """1-based lines where the twins may differ: the Config class, PRESETS and BASELINE, the
+    """1-based lines where the twins may differ: the Config class, PRESETS, LIMITS and BASELINE, the
     optimizer section, the body of build_optimizers."""
     source = open(path).read()
     tree = ast.parse(source)
@@ -31,7 +41,7 @@ def allowed_lines(path: str) -> set[int]:
             allowed |= set(range(node.lineno + 1, node.end_lineno + 1))
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(isinstance(t, ast.Name) and t.id in ("PRESETS", "BASELINE") for t in targets):
+            if any(isinstance(t, ast.Name) and t.id in ("PRESETS", "BASELINE", "LIMITS") for t in targets):
                 allowed |= set(range(node.lineno, node.end_lineno + 1))
         elif isinstance(node, ast.FunctionDef) and node.name == "build_optimizers":
             allowed |= set(range(node.body[0].lineno, node.end_lineno + 1))

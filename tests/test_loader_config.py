@@ -1,16 +1,19 @@
 """SPEC 'Data' and 'Batch and schedule': the shard format, the loader, the configuration and the
 early refusals of bad input."""
 import dataclasses
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, learnable_tokens, load_script, write_shard
+from conftest import ROOT, SMALL_EOT, learnable_tokens, load_script, tiny_args, write_shard
 
 CPU = torch.device("cpu")
 
@@ -110,23 +113,55 @@ def test_overrides_types_and_preset(script):
     "args, message",
     [
         (["--no_such_field=1"], "unknown field --no_such_field"),
-        (["--num_iterations=abc"], "--num_iterations: expected int"),
-        (["--num_iterations=1.5"], "--num_iterations: expected int"),
-        (["--attn_scale=x"], "--attn_scale: expected float"),
-        (["--tied_embed=maybe"], "--tied_embed: expected a boolean"),
-        (["--preset=huge"], "unknown preset"),
+        (["--num_iterations=abc"], "--num_iterations: invalid int value: 'abc'"),
+        (["--num_iterations=1.5"], "--num_iterations: invalid int value"),
+        (["--attn_scale=x"], "--attn_scale: invalid float value"),
+        (["--tied_embed=maybe"], "--tied_embed: expected true or false, got 'maybe'"),
+        (["--preset=huge"], "--preset='huge': choose one of '', 'tiny'"),
         (["num_iterations=3"], "--field=value"),
-        (["--seq_len=-4"], "must not be negative"),
-        (["--param_dtype=float16"], "bfloat16 or float32"),
-        (["--num_heads=5"], "heads"),
-        (["--activation_budget=1.5"], "fraction in"),
-        (["--activation_budget=0"], "fraction in"),
-        (["--loss_chunk=0"], "loss_chunk must be positive"),
+        (["--seq_len=-4"], r"--seq_len=-4 is out of range: must be > 0"),
+        (["--param_dtype=float16"], "--param_dtype='float16': choose one of 'bfloat16', 'float32'"),
+        (["--num_heads=5"], "must split into --num_heads=5 heads"),
+        (["--activation_budget=1.5"], r"out of range: must be in \(0, 1\]"),
+        (["--activation_budget=0"], r"out of range: must be in \(0, 1\]"),
+        (["--loss_chunk=0"], "--loss_chunk=0 is out of range"),
+        (["--model_dim=0"], "--model_dim=0 is out of range: must be > 0"),
+        (["--adam_beta1=1.5"], r"--adam_beta1=1.5 is out of range: must be in \[0, 1\)"),
+        (["--attn_window=0"], "--attn_window=0 is out of range: must be > 0"),
+        (["--batch_tokens=1000"], "--batch_tokens=1000 is not a multiple of --seq_len=65536"),
+        (["--eot_token=600", "--vocab_size=512"], "--eot_token=600 is not below --vocab_size=512"),
     ],
 )
 def test_override_errors(script, args, message):
     with pytest.raises(script.ConfigError, match=message):
         script.parse_config(args)
+
+
+def test_every_wrong_field_gets_its_own_message(script):
+    with pytest.raises(script.ConfigError) as e:
+        script.parse_config(["--model_dim=0", "--adam_beta1=1.5", "--attn_window=0", "--cooldown_frac=2"])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4 and all(" is out of range: must be " in line for line in lines)
+    assert sorted(line.split("=")[0] for line in lines) == ["--adam_beta1", "--attn_window", "--cooldown_frac", "--model_dim"]
+
+
+def test_every_number_field_has_a_range_and_every_field_its_help(script):
+    fields = {f.name: f.type for f in dataclasses.fields(script.Config)}
+    assert {name for name, kind in fields.items() if kind in (int, float)} == set(script.LIMITS)
+    assert {name for name, kind in fields.items() if kind is str and name in script.CHOICES} == set(script.CHOICES)
+    helps = script.field_help()
+    assert set(helps) == set(fields) and all(text for _, text in helps.values())
+    assert all(script.in_limits(getattr(script.Config(), name), rule) for name, rule in script.LIMITS.items())
+
+
+def test_help_lists_every_field_with_default_and_range(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.parse_config(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(script.Config):
+        assert f"--{f.name} " in out
+    assert "tokens per forward pass, per process (default 65536; > 0)" in out and "model:" in out
 
 
 def test_world_size_that_cannot_keep_global_batch_is_refused_with_valid_sizes(script):
@@ -137,6 +172,38 @@ def test_world_size_that_cannot_keep_global_batch_is_refused_with_valid_sizes(sc
     assert "world sizes that can: 1, 2, 4, 8" in str(e.value)
 
 
+@pytest.mark.parametrize("world", [16, 32])
+def test_refusal_of_16_or_32_processes_says_how_to_run_them(script, world):
+    """Both ways out it names work: the shorter sequence keeps the global batch, the larger batch keeps
+    one 65,536-token sequence per process."""
+    with pytest.raises(script.ConfigError) as e:
+        script.accumulation_steps(script.parse_config([]), world)
+    message = str(e.value)
+    seq_len, batch = 524_288 // world, world * 65_536
+    assert f"--seq_len={seq_len}" in message and f"--batch_tokens={batch}" in message
+    for fix in ([f"--seq_len={seq_len}"], [f"--batch_tokens={batch}"]):
+        cfg = script.parse_config(fix)
+        assert script.accumulation_steps(cfg, world) == 1
+    script.check_val_tokens(script.parse_config([f"--seq_len={seq_len}"]), world)
+
+
+def test_readme_multi_node_command_runs_as_written():
+    """The README's 2-node command: run.sh starts 2 x 8 processes, and the script accepts 16 of them
+    with the arguments it gives (one sequence each, the global batch and validation kept)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    (line,) = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("NNODES=2 ")]
+    env = dict(kv.split("=", 1) for kv in line.split()[:3])
+    args = line.split("./run.sh M", 1)[1].split()
+    proc = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "M", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env, "RUN_SH_DRY": "1", "NGPU": "8"}, timeout=120)
+    launch = [ln for ln in proc.stdout.splitlines() if "torch.distributed.run" in ln or ln.startswith("+ torchrun")]
+    assert launch and "--nnodes=2" in launch[-1] and "--nproc_per_node=8" in launch[-1] and args[0] in launch[-1], proc.stdout
+    M = load_script("M")
+    cfg = M.parse_config(args)
+    assert M.accumulation_steps(cfg, 16) == 1 and cfg.batch_tokens == 524_288
+    M.check_val_tokens(cfg, 16)
+
+
 def test_val_tokens_not_multiple_of_batch_refused_with_nearest_values(script):
     cfg = script.parse_config(["--val_tokens=1000000"])
     script.check_val_tokens(script.parse_config([]), 8)
@@ -145,34 +212,67 @@ def test_val_tokens_not_multiple_of_batch_refused_with_nearest_values(script):
     assert "917504, 1048576" in str(e.value)
 
 
-def tiny_args(shards, tmp_path, *extra):
+def run_args(shards, tmp_path, **fields) -> list[str]:
     train, val = shards
-    return ["--preset=tiny", f"--train_files={train}", f"--val_files={val}", f"--log_dir={tmp_path / 'logs'}",
-            "--warmup_compile_steps=0", "--val_tokens=1024", *extra]
+    return tiny_args(train, val, tmp_path / "logs", warmup_compile_steps=0, val_tokens=1024, **fields)
 
 
-def run_main(script, shards, tmp_path, *extra):
-    return script.main(tiny_args(shards, tmp_path, *extra))
+def refused_before_log(script, shards, tmp_path, error, **fields) -> str:
+    """The message of a run refused with `error`, after checking that it left no log behind."""
+    with pytest.raises(error) as e:
+        script.main(run_args(shards, tmp_path, **fields))
+    assert not (tmp_path / "logs").exists()
+    return str(e.value)
 
 
 def test_not_enough_training_tokens_refused_before_training(script, shards, tmp_path):
-    with pytest.raises(script.DataError, match=r"enough tokens for \d+ steps.*num_iterations=100000"):
-        run_main(script, shards, tmp_path, "--num_iterations=100000")
-    assert not (tmp_path / "logs").exists()
+    message = refused_before_log(script, shards, tmp_path, script.DataError, num_iterations=100000)
+    assert re.search(r"enough tokens for \d+ steps.*num_iterations=100000", message)
 
 
-def test_nan_loss_stops_with_step_number(script, shards, tmp_path):
+def test_vocab_smaller_than_the_data_is_refused_with_the_token_and_file(script, shards, tmp_path):
+    message = refused_before_log(script, shards, tmp_path, script.ConfigError, vocab_size=100, eot_token=99)
+    largest = max(int(np.fromfile(path, dtype="<u2", offset=1024).max()) for path in glob.glob(shards[0]))
+    assert f"--vocab_size=100 is too small for the data: token id {largest}" in message
+    assert f"use --vocab_size={largest + 1} or more" in message
+
+
+def test_folder_as_training_files_is_refused(script, shards, tmp_path):
+    folder = tmp_path / "shards_dir"
+    folder.mkdir()
+    message = refused_before_log(script, (str(folder), shards[1]), tmp_path, script.DataError)
+    assert "is not a file: give a glob of shard files" in message
+
+
+def test_nan_loss_stops_with_one_line_and_exit_1(script, shards, tmp_path):
     lr = "--adam_lr=1e30" if script.BASELINE == "A" else "--muon_lr=1e38"
-    with pytest.raises(FloatingPointError, match=r"at step \d+"):
-        run_main(script, shards, tmp_path, "--num_iterations=10", "--val_loss_every=0", lr)
+    proc = subprocess.run([sys.executable, script.__file__, *run_args(shards, tmp_path, num_iterations=10, val_loss_every=0), lr],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: training loss became (nan|inf) at step \d+; the run diverged.*", line), line
     (log,) = (tmp_path / "logs").iterdir()
     text = log.read_text()
-    assert "stopped: loss is nan at step" in text or "stopped: loss is inf at step" in text
-    assert text.rstrip().endswith("=== end of run ===")
+    assert re.search(r"\nstopped: loss is (nan|inf) at step \d+\n=== end of run ===\n$", text)
+    assert proc.stdout.rstrip().endswith(f"log: {log}")
+
+
+def test_step_lines_show_training_loss_and_lr_multiplier(script, shards, tmp_path, capsys):
+    """A run that diverges without a NaN shows it: each step line carries that step's training loss and
+    learning-rate multiplier, between the step and the timing fields; the run ends naming its log."""
+    result = script.main(run_args(shards, tmp_path, num_iterations=6, val_loss_every=3))
+    lines = Path(result["log_path"]).read_text().split("=== training ===\n")[1].splitlines()
+    steps = [re.fullmatch(r"step:(\d+)/6 train_loss:(\S+) lr_mult:(\S+) train_time:\d+ms step_avg:\S+ms", line) for line in lines]
+    steps = [m for m in steps if m]
+    assert [int(m.group(1)) for m in steps] == [1, 2, 3, 4, 5, 6]
+    assert [float(m.group(2)) for m in steps] == pytest.approx(result["train_losses"], abs=5e-5)
+    cfg = script.parse_config(run_args(shards, tmp_path, num_iterations=6))
+    assert [float(m.group(3)) for m in steps] == pytest.approx([script.lr_multiplier(s, cfg) for s in range(6)], abs=5e-5)
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"log: {result['log_path']}"
 
 
 def test_log_holds_source_config_and_versions(script, shards, tmp_path):
-    args = tiny_args(shards, tmp_path, "--num_iterations=2", "--val_loss_every=1", "--seed=5")
+    args = run_args(shards, tmp_path, num_iterations=2, val_loss_every=1, seed=5)
     text = open(script.main(args)["log_path"]).read()
     with open(script.__file__) as f:
         assert f.read().rstrip() in text
@@ -181,13 +281,20 @@ def test_log_holds_source_config_and_versions(script, shards, tmp_path):
     assert config["seed"] == 5 and config["num_iterations"] == 2
     for key in ("python: ", "torch: ", "device: cpu", "world_size: 1", "grad_accum_steps: 8", "baseline: " + script.BASELINE):
         assert key in text
-    assert "step:1/2 val_loss:" in text and "step:2/2 train_time:" in text
+    assert "step:1/2 val_loss:" in text and "step:2/2 train_loss:" in text
 
 
-def test_cli_errors_exit_2_with_message(tmp_path):
-    for args, message in ((["--bogus=1"], "unknown field --bogus"), (["--preset=tiny", f"--train_files={tmp_path}/x_*.bin"], "no data files match")):
+def test_cli_refusals_exit_2_with_one_line_per_problem_and_no_log(tmp_path):
+    cases = ((["--bogus=1"], ["error: unknown field --bogus (see --help)"]),
+             (["--preset=tiny", f"--train_files={tmp_path}/x_*.bin", f"--log_dir={tmp_path}/logs"], ["error: no data files match"]),
+             (["--model_dim=0", "--adam_beta1=1.5", f"--log_dir={tmp_path}/logs"],
+              ["error: --model_dim=0 is out of range", "error: --adam_beta1=1.5 is out of range"]))
+    for args, starts in cases:
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt_M.py"), *args], capture_output=True, text=True, cwd=tmp_path)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == len(starts), proc.stderr
+        assert all(line.startswith(start) for line, start in zip(lines, starts)), proc.stderr
+        assert not (tmp_path / "logs").exists() and not proc.stdout
 
 
 def test_same_seed_same_initial_weights_and_different_seed_differs(script):
@@ -217,4 +324,5 @@ def test_learnable_fixture_data_is_valid(tmp_path):
     rng = np.random.default_rng()
     tokens = learnable_tokens(1000, rng)
     write_shard(tmp_path / "x.bin", tokens)
-    assert load_script("A").shard_token_count(str(tmp_path / "x.bin")) == 1000 and tokens[0] == 50256
+    assert load_script("A").shard_token_count(str(tmp_path / "x.bin")) == 1000 and tokens[0] == SMALL_EOT
+    assert tokens.max() == SMALL_EOT

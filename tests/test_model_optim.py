@@ -56,7 +56,7 @@ def random_seed():
 
 
 def tiny_config(mod, **overrides):
-    fields = dict(num_layers=2, model_dim=64, num_heads=2, param_dtype="float32")
+    fields = dict(num_layers=2, model_dim=64, num_heads=2, param_dtype="float32", seq_len=1024)
     return mod.Config(**{**fields, **overrides})
 
 
@@ -139,7 +139,7 @@ LAYOUTS = ["mixed", "mixed", "eot_dense", "single_doc", "no_eot"]
 def test_document_ids_are_running_count_of_eot(mod):
     for layout in LAYOUTS:
         tokens = random_tokens(int(torch.randint(1, 700, ()).item()) + TILE, layout)
-        assert torch.equal(mod.document_ids(tokens).long(), reference_doc_ids(tokens))
+        assert torch.equal(mod.document_ids(tokens, EOT).long(), reference_doc_ids(tokens))
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,8 @@ def compiled_flex():
         yield fa, torch.compile(fa.flex_attention, dynamic=False)
 
 
-def run_flex_attend(mod, compiled_flex, q, k, v, docs, window, scale):
-    """The script's attend with a BlockMask, flex_attention replaced by the compiled one (wherever the
+def run_flex_attention(mod, compiled_flex, q, k, v, docs, window, scale):
+    """The script's attention with a BlockMask, flex_attention replaced by the compiled one (wherever the
     script looks it up); fails if the script did not go through it."""
     fa, compiled = compiled_flex
     calls = []
@@ -169,19 +169,19 @@ def run_flex_attend(mod, compiled_flex, q, k, v, docs, window, scale):
         mp.setattr(fa, "flex_attention", counted)
         if hasattr(mod, "flex_attention"):
             mp.setattr(mod, "flex_attention", counted)
-        y = mod.attend(q, k, v, mod.block_mask(docs, window), scale)
-    assert len(calls) == 1, "attend must call flex_attention for a BlockMask (patched here with the compiled one)"
+        y = mod.attention(q, k, v, mod.block_mask(docs, window), scale)
+    assert len(calls) == 1, "attention must call flex_attention for a BlockMask (patched here with the compiled one)"
     return y
 
 
 @pytest.mark.parametrize("window", [300, 2048])  # smaller than, larger than the 1024-token sequence
-def test_flex_attend_compiled_matches_dense_reference(mod, compiled_flex, window):
+def test_flex_attention_compiled_matches_dense_reference(mod, compiled_flex, window):
     T, H, D, scale = 1024, 2, 64, 0.12
     for layout in LAYOUTS:
         tokens = random_tokens(T, layout)
         docs = reference_doc_ids(tokens)
         q, k, v = (torch.randn(1, T, H, D) for _ in range(3))
-        y = run_flex_attend(mod, compiled_flex, q, k, v, docs, window, scale)
+        y = run_flex_attention(mod, compiled_flex, q, k, v, docs, window, scale)
         assert y.shape == (1, T, H, D)
         expected = reference_attention(q, k, v, reference_mask(docs, window), scale)
         err = (y.double() - expected).abs().max().item()
@@ -254,7 +254,7 @@ def test_block_mask_mask_mod_is_the_spec_mask(mod):
         assert torch.equal(got.expand(T, T), reference_mask(docs, window))
 
 
-def test_dense_attend_matches_reference(mod):
+def test_dense_attention_matches_reference(mod):
     """The CPU training path (SDPA with a dense mask) computes the same masked attention."""
     for T in (128, 200, 512):
         for window in (1, 37, 128, 300, 4096):
@@ -263,7 +263,7 @@ def test_dense_attend_matches_reference(mod):
             B, H, D = int(torch.randint(1, 3, ()).item()), 3, 16
             q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
             scale = float(torch.empty(()).uniform_(0.05, 0.5))
-            y = mod.attend(q, k, v, mod.dense_mask(docs, window), scale)
+            y = mod.attention(q, k, v, mod.dense_mask(docs, window), scale)
             expected = reference_attention(q, k, v, reference_mask(docs, window), scale)
             assert y.shape == (B, T, H, D)
             assert (y.double() - expected).abs().max().item() < 1e-5, f"T {T}, window {window}"
@@ -274,18 +274,35 @@ def test_dense_attend_matches_reference(mod):
 
 
 def rope(mod, x_BTHD, base):
-    """The script's RoPE: its tables for x's length and head dim, then apply_rope."""
-    return mod.apply_rope(x_BTHD, *mod.rope_tables(x_BTHD.size(1), x_BTHD.size(3), base, x_BTHD.device))
+    """The script's RoPE: its tables for x's length and head dim in x's dtype (as the model's buffers), then rotary."""
+    cos, sin = mod.rope_tables(x_BTHD.size(1), x_BTHD.size(3), base)
+    return mod.rotary(x_BTHD, cos.to(x_BTHD.dtype), sin.to(x_BTHD.dtype))
 
 
 @pytest.mark.parametrize("D", [4, 32, 128])
-def test_rope_frequencies(mod, D):
-    base = float(torch.empty(()).uniform_(10, 5000))
-    f = mod.rope_frequencies(D, base, torch.device("cpu"))
-    assert f.shape == (D // 2,) and f.dtype == torch.float32
-    expected = (1.0 / base) ** torch.linspace(0, 1, D // 4, dtype=torch.float64)
-    assert torch.allclose(f[: D // 4].double(), expected, rtol=1e-6, atol=0)
-    assert torch.equal(f[D // 4 :], torch.zeros(D // 4))
+def test_rope_tables_are_float32_cos_and_sin_of_the_truncated_angles(mod, D):
+    """cos(t f_i), sin(t f_i) for f = (1/base)^linspace(0, 1, D/4) followed by D/4 zeros, in float32
+    (to float32 rounding of the angle t f_i: a few ulps of t)."""
+    base, T = float(torch.empty(()).uniform_(10, 5000)), int(torch.randint(1, 3000, ()).item())
+    cos, sin = mod.rope_tables(T, D, base)
+    assert cos.shape == sin.shape == (1, T, 1, D // 2) and cos.dtype == sin.dtype == torch.float32
+    freqs = torch.cat([(1.0 / base) ** torch.linspace(0, 1, D // 4, dtype=torch.float64), torch.zeros(D // 4, dtype=torch.float64)])
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * freqs
+    tol = 8 * T * torch.finfo(torch.float32).eps
+    assert (cos[0, :, 0].double() - angle.cos()).abs().max() < tol and (sin[0, :, 0].double() - angle.sin()).abs().max() < tol
+    assert torch.equal(cos[0, :, 0, D // 4 :], torch.ones(T, D // 4)) and torch.equal(sin[0, :, 0, D // 4 :], torch.zeros(T, D // 4))
+
+
+def test_model_rounds_rope_tables_to_bfloat16_with_its_parameters(mod):
+    """SPEC: the reference keeps the tables as buffers, and casting the model to bfloat16 rounds them."""
+    cfg = tiny_config(mod, seq_len=256)
+    model = mod.GPT(cfg)
+    cos, sin = mod.rope_tables(256, cfg.model_dim // cfg.num_heads, cfg.rope_base)
+    assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
+    model = model.bfloat16()
+    assert model.rope_cos.dtype == torch.bfloat16 and torch.equal(model.rope_cos, cos.bfloat16())
+    assert torch.equal(model.rope_sin, sin.bfloat16())
+    assert "rope_cos" not in model.state_dict()
 
 
 @pytest.mark.parametrize("D", [16, 128])
@@ -339,69 +356,16 @@ def test_rope_dot_product_depends_only_on_relative_position(mod):
 
 
 def test_rope_computes_in_float32_for_bfloat16_input(mod):
-    """At positions up to 4096, a bfloat16 computation (angles, products) would be far off; the
-    float32 one differs from the exact result by about the final bfloat16 rounding only."""
+    """bfloat16 input and tables (SPEC): the products and sums are float32, so the result is the
+    exact rotation by the rounded tables up to the final bfloat16 rounding (half an ulp: at most 2^-8 of
+    the value; float32 adds under 1e-6)."""
     x = torch.randn(1, 4096, 2, 64).bfloat16()
     y = rope(mod, x, 1024.0)
     assert y.dtype == torch.bfloat16
-    exact = reference_rope(x, 1024.0)
-    assert ((y.double() - exact).abs() <= exact.abs() * 2**-7 + 2e-3).all()
-
-
-@pytest.mark.parametrize("with_rope", [False, True])
-def test_norm_gradient_matches_float64_autograd(mod, with_rope):
-    """The script's norm (RMSNorm, then RoPE for q and k) differentiates as the SPEC formula does,
-    although its backward sees only its output: float32 gradients equal float64 autograd through
-    x / sqrt(mean(x^2) + eps) (and the rotation) to float32 rounding."""
-    x = torch.randn(2, 96, 3, 32) * torch.rand(2, 96, 3, 1) * 5
-    rope_tables = mod.rope_tables(96, 32, 1024.0, x.device) if with_rope else None
-    leaf = x.clone().requires_grad_()
-    y = mod.norm(leaf, rope_tables)
-    weights = torch.randn_like(y)
-    (y * weights).sum().backward()
-    exact = x.double().requires_grad_()
-    expected = rms(exact, torch.finfo(torch.float32).eps)
-    if with_rope:
-        expected = reference_rope(expected, 1024.0)
-    assert (y.double() - expected.detach()).abs().max().item() < 1e-5
-    (expected * weights.double()).sum().backward()
-    assert torch.allclose(leaf.grad.double(), exact.grad, rtol=1e-4, atol=1e-5 * exact.grad.abs().max().item())
-
-
-@pytest.mark.parametrize("with_rope", [False, True])
-def test_norm_in_bfloat16_is_f_rms_norm_and_its_gradient_within_rounding(mod, with_rope):
-    """bfloat16: the forward is F.rms_norm's bit for bit (then the float32 rotation); the gradient,
-    made from the rounded output, stays within bfloat16 rounding of autograd's through F.rms_norm."""
-    x = (torch.randn(1, 128, 2, 64) * 3).bfloat16()
-    rope_tables = mod.rope_tables(128, 64, 1024.0, x.device) if with_rope else None
-    leaf, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y = mod.norm(leaf, rope_tables)
-    expected = F.rms_norm(plain, (64,))
-    if with_rope:
-        expected = mod.apply_rope(expected, *rope_tables)
-    assert torch.equal(y, expected)
-    weights = torch.randn_like(y)
-    (y.float() * weights.float()).sum().backward()
-    (expected.float() * weights.float()).sum().backward()
-    scale = plain.grad.float().abs().max()
-    assert (leaf.grad.float() - plain.grad.float()).abs().max() <= 2**-6 * scale
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2**-7)])
-def test_relu_square_gradient_from_its_output(mod, dtype, tol):
-    """ReLU^2 whose backward keeps only the output: 2 relu(x) g, with relu(x) = sqrt(relu(x)^2),
-    equals autograd through F.relu(x).square() (exactly zero where x <= 0), to the dtype's rounding."""
-    x = (torch.randn(64, 256) * 3).to(dtype)
-    x[0, :16] = 0
-    leaf, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y = mod.ReLUSquare.apply(leaf)
-    expected = F.relu(plain).square()
-    assert torch.equal(y, expected)
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    expected.backward(grad)
-    assert torch.equal(leaf.grad[x <= 0], torch.zeros_like(leaf.grad[x <= 0]))
-    assert torch.allclose(leaf.grad.float(), plain.grad.float(), rtol=tol, atol=tol * plain.grad.float().abs().max().item())
+    cos, sin = (t.bfloat16().double() for t in mod.rope_tables(4096, 64, 1024.0))
+    x1, x2 = x.double().chunk(2, dim=-1)
+    exact = torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
 
 
 # -----------------------------------------------------------------------------
@@ -476,23 +440,26 @@ def reference_attention_module(attn, x_BTC, allowed, eps):
 def test_attention_module_matches_spec_math(mod):
     window = int(torch.randint(8, 300, ()).item())
     cfg = tiny_config(mod, attn_window=window)
-    block = mod.Block(cfg)
-    attn = block.attn
+    attn = mod.GPT(cfg).blocks[0].attn
     with torch.no_grad():  # q, k far from unit RMS, so that their normalisation matters
         attn.qkv_w.normal_(0, float(torch.empty(()).uniform_(0.3, 1.0)))
         attn.proj.weight.normal_(0, 1 / 8)
     tokens = random_tokens(256, "mixed")
     docs = reference_doc_ids(tokens)
     x = torch.randn(1, 256, 64)
-    y = attn(x, mod.dense_mask(docs, window), mod.rope_tables(256, 32, 1024.0, x.device))
+    y = attn(x, mod.dense_mask(docs, window), *mod.rope_tables(256, 32, 1024.0))
     expected = reference_attention_module(attn, x, reference_mask(docs, window), torch.finfo(torch.float32).eps)
     assert y.shape == x.shape
     assert (y.double() - expected).abs().max().item() < 1e-4
 
 
-def reference_loss(model, inputs, targets, cfg, softcap, params=None):
+def relu_squared(h):
+    return F.relu(h).square()
+
+
+def reference_loss(model, inputs, targets, cfg, softcap, params=None, activation=relu_squared):
     """The SPEC forward, in float64, from the model's parameters (or from `params`, float64 tensors
-    by the model's parameter names, to differentiate through)."""
+    by the model's parameter names, to differentiate through); `activation` is the MLP's."""
     dim, H = cfg.model_dim, cfg.num_heads
     D = dim // H
     eps = torch.finfo(torch.float32).eps
@@ -509,44 +476,46 @@ def reference_loss(model, inputs, targets, cfg, softcap, params=None):
         y = reference_attention(q, k, v, allowed, 0.12).reshape(T, dim)
         x = x + y @ W(block.attn.proj.weight).T
         h = rms(x, eps)
-        x = x + F.relu(h @ W(block.mlp.fc.weight).T).square() @ W(block.mlp.proj.weight).T
+        x = x + activation(h @ W(block.mlp.fc.weight).T) @ W(block.mlp.proj.weight).T
     logits = rms(x, eps) @ W(model.lm_head.weight).T
     if softcap:
         logits = 30 * torch.sigmoid(logits / (7.5 * math.sqrt(dim)))
     return F.cross_entropy(logits, targets)
 
 
-def test_forward_loss_matches_spec_math(mod):
-    """embed -> rmsnorm -> blocks (pre-norm attention with RMS-normed, rotated q and k, scale 0.12,
-    document/causal/window mask; ReLU^2 MLP) -> rmsnorm -> output layer -> (M: 30*sigmoid(z/(7.5
-    sqrt(dim)))) -> mean cross-entropy; A has plain logits."""
-    window = int(torch.randint(8, 200, ()).item())
-    cfg = tiny_config(mod, attn_window=window)
-    model = mod.GPT(cfg)
-    with torch.no_grad():  # random weights everywhere (the zero-initialised ones too)
+def randomize(model):
+    """Random weights everywhere (the zero-initialised ones too), q and k far from unit RMS."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             std = 1.0 if "embed" in name or "lm_head" in name else 1 / math.sqrt(p.size(-1))
-            std = 0.5 if "qkv" in name else std
-            p.normal_(0, std)
+            p.normal_(0, 0.5 if "qkv" in name else std)
+    return model
+
+
+@pytest.mark.parametrize("fast_ops", [False, True])
+def test_forward_loss_matches_spec_math(mod, fast_ops):
+    """embed -> rmsnorm -> blocks (pre-norm attention with RMS-normed, rotated q and k, scale 0.12,
+    document/causal/window mask; ReLU^2 MLP) -> rmsnorm -> output layer -> (M: 30*sigmoid(z/(7.5
+    sqrt(dim)))) -> mean cross-entropy; A has plain logits. With the plain ops and with the fast ones."""
+    window = int(torch.randint(8, 200, ()).item())
+    cfg = tiny_config(mod, attn_window=window, fast_ops=fast_ops)
+    model = randomize(mod.GPT(cfg))
     tokens = random_tokens(257, "mixed")
     inputs, targets = tokens[:-1], torch.randint(0, 50257, (256,))
     loss = model(inputs, targets)
     assert loss.dtype == torch.float32 and loss.ndim == 0
     expected = reference_loss(model, inputs, targets, cfg, softcap=mod.BASELINE == "M").item()
-    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_parameter_gradients_match_spec_math(mod):
-    """The backward of the whole model (chunked output layer and loss, norms and ReLU^2 that keep
-    their outputs rather than inputs) gives, in float32, float64 autograd's gradients through the
-    SPEC forward, for every parameter."""
+@pytest.mark.parametrize("fast_ops", [False, True])
+def test_parameter_gradients_match_spec_math(mod, fast_ops):
+    """The backward of the whole model gives, in float32, float64 autograd's gradients through the
+    SPEC forward, for every parameter: with the plain ops (autograd), and with the fast ops (chunked
+    output layer and loss, norms and ReLU^2 that keep their outputs rather than inputs)."""
     window = int(torch.randint(8, 200, ()).item())
-    cfg = tiny_config(mod, attn_window=window, loss_chunk=int(torch.randint(16, 300, ()).item()))
-    model = mod.GPT(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 1.0 if "embed" in name or "lm_head" in name else 1 / math.sqrt(p.size(-1))
-            p.normal_(0, 0.5 if "qkv" in name else std)
+    cfg = tiny_config(mod, attn_window=window, loss_chunk=int(torch.randint(16, 300, ()).item()), fast_ops=fast_ops)
+    model = randomize(mod.GPT(cfg))
     tokens = random_tokens(257, "mixed")
     inputs, targets = tokens[:-1], torch.randint(0, 50257, (256,))
     model(inputs, targets).backward()
@@ -557,6 +526,22 @@ def test_parameter_gradients_match_spec_math(mod):
         assert expected.abs().max() > 0, name
         err = (p.grad.double() - expected).abs().max() / expected.abs().max()
         assert err < 1e-4, (name, err.item())
+
+
+@pytest.mark.parametrize("fast_ops", [False, True])
+def test_forward_without_targets_returns_float32_logits(mod, fast_ops):
+    """GPT.forward(inputs) gives every position's float32 logits (soft-capped in M), the ones whose
+    cross-entropy is the loss forward(inputs, targets) returns."""
+    cfg = tiny_config(mod, fast_ops=fast_ops, param_dtype="bfloat16")
+    model = randomize(mod.GPT(cfg)).bfloat16()
+    tokens = random_tokens(129, "mixed")
+    with torch.no_grad():
+        logits = model(tokens[:-1])
+        loss = model(tokens[:-1], tokens[1:])
+    assert logits.shape == (128, mod.padded_vocab(cfg.vocab_size)) and logits.dtype == torch.float32
+    if mod.BASELINE == "M":
+        assert 0 < logits.min() and logits.max() < 30
+    assert F.cross_entropy(logits, tokens[1:]).item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_logits_and_loss_in_float32_for_bfloat16_model(mod):
@@ -575,85 +560,6 @@ def test_logits_and_loss_in_float32_for_bfloat16_model(mod):
     if mod.BASELINE == "M":
         logits = 30 * torch.sigmoid(logits / (7.5 * math.sqrt(cfg.model_dim)))
     assert loss.item() == pytest.approx(F.cross_entropy(logits.double(), tokens[1:]).item(), rel=1e-5)
-
-
-def reference_head_loss(x, w, targets, softcap, scale):
-    """Output layer and loss as plain autograd ops: the logit product in x's dtype, the rest in float32."""
-    logits = (x @ w.T).float()
-    if softcap:
-        logits = softcap * torch.sigmoid(logits / scale)
-    return F.cross_entropy(logits, targets)
-
-
-@pytest.mark.parametrize("V", [50304, 640, 200])  # the padded vocabulary, another multiple of the block, neither
-def test_blocked_logsumexp_is_logsumexp(mod, V):
-    """The loss's log-sum-exp, made from per-block maxima and sums, is torch.logsumexp's in float32,
-    also for rows whose blocks have maxima far apart (blocks that underflow next to the largest)."""
-    z = torch.randn(37, V) * torch.rand(37, 1) * 50
-    z[:5, : V // 3] -= 200
-    z[5:10, -7:] += 120
-    expected = torch.logsumexp(z.double(), dim=-1)
-    assert torch.allclose(mod.blocked_logsumexp(z).double(), expected, rtol=1e-6, atol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_head_loss_and_gradients_match_autograd(mod, dtype):
-    """HeadLoss (loss and both gradients made chunk by chunk in the forward) against autograd through
-    the unchunked ops, with and without soft-cap, for chunk sizes that do and do not divide N; the
-    backward scales both gradients by the incoming gradient."""
-    N, C, V = int(torch.randint(50, 300, ()).item()), 16, 200
-    softcap, scale = 30.0, 7.5 * math.sqrt(C)
-    for cap in (0.0, softcap):
-        for chunk in (1, 7, int(torch.randint(8, N, ()).item()), N, 2 * N):
-            x = (torch.randn(N, C) * 2).to(dtype).requires_grad_()
-            w = (torch.randn(V, C) * 2).to(dtype).requires_grad_()
-            targets = torch.randint(0, V, (N,))
-            factor = float(torch.empty(()).uniform_(0.1, 2))
-            loss = mod.HeadLoss.apply(x, w, targets, cap, scale, chunk)
-            (loss * factor).backward()
-            xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-            expected = reference_head_loss(xr, wr, targets, cap, scale)
-            (expected * factor).backward()
-            tol = 1e-5 if dtype == torch.float32 else 2**-7
-            assert loss.dtype == torch.float32
-            assert loss.item() == pytest.approx(expected.item(), rel=1e-5), (cap, chunk)
-            for got, ref in ((x.grad, xr.grad), (w.grad, wr.grad)):
-                assert got.dtype == dtype
-                err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-                assert err < tol, (cap, chunk, dtype, err)
-
-
-def test_head_loss_without_gradients_is_the_same_loss(mod):
-    """Evaluation (no grad) goes through head_loss without its gradient work and gives the training loss."""
-    N, C, V = 300, 16, 120
-    x, w, targets = torch.randn(N, C), torch.randn(V, C), torch.randint(0, V, (N,))
-    for cap in (0.0, 30.0):
-        with torch.no_grad():
-            loss = mod.head_loss(x, w, targets, cap, 30.0, 64, grads=False)
-        full, dx, dw = mod.head_loss(x, w, targets, cap, 30.0, 64, grads=True)
-        assert loss.item() == pytest.approx(full.item(), rel=1e-6)
-        assert loss.item() == pytest.approx(reference_head_loss(x, w, targets, cap, 30.0).item(), rel=1e-5)
-        assert dx.shape == x.shape and dw.shape == w.shape
-
-
-def test_model_loss_does_not_depend_on_loss_chunk(mod):
-    cfg = tiny_config(mod)
-    torch.manual_seed(int(torch.randint(0, 2**31, ()).item()))
-    model = mod.GPT(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 1.0)
-    tokens = random_tokens(257, "mixed")
-    losses, grads = [], []
-    for chunk in (256, 100, 1):
-        model.loss_chunk = chunk
-        model.zero_grad()
-        loss = model(tokens[:-1], tokens[1:])
-        loss.backward()
-        losses.append(loss.item())
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
-    for g in grads[1:]:
-        assert torch.allclose(g, grads[0], rtol=1e-4, atol=1e-7)
 
 
 # -----------------------------------------------------------------------------
@@ -719,7 +625,9 @@ def test_newton_schulz_maps_singular_values_by_the_quintic(M, steps):
     p(s) = 3.4445 s - 4.7750 s^3 + 2.0315 s^5, `steps` times. Low-rank inputs put normalised
     singular values near 1, where all three coefficients matter (p(1) = 0.701)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    tol = {1: 0.015, 5: 0.07}[steps]  # bfloat16 error seen: 0.006 and 0.04
+    # bfloat16 arithmetic, amplified by the quintic near its fixed points: over 2,000 draws of this test
+    # (CPU, torch 2.13) the largest deviation was 0.0064 after 1 step and 0.093 after 5
+    tol = {1: 0.015, 5: 0.15}[steps]
     for rank in (1, 1, 2, 3, 4):
         n = int(torch.randint(16, 80, ()).item())
         m = int(torch.randint(n, 3 * n, ()).item())

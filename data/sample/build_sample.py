@@ -14,15 +14,16 @@ One document per chapter: the line "Book N", a blank line, then one verse per li
 Kings) to keep the two shards under 2 MB. Every 10th of the remaining chapters, in
 Bible order, is held out for validation. The documents are written as JSON Lines,
 validation first, and tokenized with data/tokenize.py:
-    python data/tokenize.py DOCS.jsonl --out data/sample --name sample --val_docs N
-which gives sample_val_000000.bin and sample_train_000001.bin.
+    python data/tokenize.py DOCS.jsonl --out data/sample --name sample --val_docs N --overwrite
+which replaces sample_val_000000.bin and sample_train_000001.bin (only once the new ones
+are complete) and leaves the folder's other files alone. The GPT-2 files come from
+data/tokenizer/ (TIKTOKEN_CACHE_DIR, when set, takes precedence), so no network is needed.
 """
 
 import argparse
 import importlib.util
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -39,7 +40,6 @@ MIN_VAL_TOKENS = 65_537
 MIN_TRAIN_TOKENS = 600_000
 VAL_EVERY = 10
 EXCLUDED_BOOKS = ("1Chr", "2Chr")
-OFFLINE_TIKTOKEN_CACHE = DATA.parent.parent / "shared" / "tokenizer" / "tiktoken_cache"
 
 BOOKS: dict[str, str] = {
     "Ge": "Genesis", "Exo": "Exodus", "Lev": "Leviticus", "Num": "Numbers", "Deu": "Deuteronomy",
@@ -209,9 +209,9 @@ def build(deb: Path, out_dir: Path, jsonl: Path) -> dict[str, list[Path]]:
         f.writelines(json.dumps({"text": doc}) + "\n" for doc in val + train)
     print(f"{len(val)} validation and {len(train)} training chapters -> {jsonl}")
     tok = load_tokenize_module()
-    for old in list(out_dir.glob("sample_val_*.bin")) + list(out_dir.glob("sample_train_*.bin")):
-        old.unlink()
-    shards = tok.tokenize_files([jsonl], out_dir, name="sample", shard_tokens=2**31 - 1, val_docs=len(val))
+    shards = tok.tokenize_files(
+        [jsonl], out_dir, name="sample", shard_tokens=2**31 - 1, val_docs=len(val), overwrite=True
+    )
     counts = {split: sum(len(tok.read_shard(p)) for p in paths) for split, paths in shards.items()}
     total = sum(p.stat().st_size for paths in shards.values() for p in paths)
     if counts["val"] < MIN_VAL_TOKENS or counts["train"] < MIN_TRAIN_TOKENS or total > MAX_TOTAL_BYTES:
@@ -235,6 +235,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if OFFLINE_TIKTOKEN_CACHE.is_dir():
-        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(OFFLINE_TIKTOKEN_CACHE))
     sys.exit(main())

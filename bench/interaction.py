@@ -1,0 +1,137 @@
+"""Optimizer x architecture: the final validation loss of each cell of a 2 x 2 of runs, and the interaction.
+
+    python bench/interaction.py log/arch_2x2/*.txt -o img/arch_2x2.png
+
+Each log of train_gpt_A.py (AdamW) or train_gpt_M.py (Muon) falls in a cell by its optimizer and its
+architecture: A's (tied embedding, plain logits) or M's (untied, logit soft-cap 30). Per cell: the runs,
+their mean final validation loss and its 95% t interval. The interaction is how much more Muon gains
+from M's architecture than AdamW does, (Muon@M - Muon@A) - (AdamW@M - AdamW@A): negative means the
+architecture helps Muon more (or hurts it less). Its interval uses the cells' variances (Welch-
+Satterthwaite degrees of freedom); so do the two main effects printed with it. The figure draws each
+optimizer's cells against the architecture, with their intervals (logarithmic loss axis).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from runlog import Run, final_val_loss, load_runs  # noqa: E402
+
+OPTIMIZERS = {"A": "AdamW", "M": "Muon"}
+ARCHITECTURES = {(True, 0.0): "A's architecture (tied, plain logits)", (False, 30.0): "M's architecture (untied, soft-cap 30)"}
+CONFIDENCE = 0.95
+
+
+@dataclass
+class Estimate:
+    mean: float
+    lo: float
+    hi: float
+    df: float
+
+
+def cell_of(run: Run) -> tuple[str, str] | None:
+    """(optimizer, architecture) of a run, or None for a run outside the 2 x 2."""
+    arch = ARCHITECTURES.get((bool(run.config.get("tied_embed")), float(run.config.get("logit_softcap", -1))))
+    return (OPTIMIZERS[run.baseline], arch) if run.baseline in OPTIMIZERS and arch else None
+
+
+def contrast(groups: Sequence[Sequence[float]], weights: Sequence[float]) -> Estimate:
+    """sum_i w_i mean_i with a t interval from the groups' own variances (Welch-Satterthwaite)."""
+    means = [float(np.mean(g)) for g in groups]
+    parts = [w * w * np.var(g, ddof=1) / len(g) for g, w in zip(groups, weights, strict=True)]
+    variance = sum(parts)
+    df = variance**2 / sum(p * p / (len(g) - 1) for p, g in zip(parts, groups, strict=True))
+    half = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * math.sqrt(variance)
+    value = sum(w * m for w, m in zip(weights, means, strict=True))
+    return Estimate(value, value - half, value + half, df)
+
+
+def analyse(runs: Sequence[Run]) -> tuple[dict[tuple[str, str], list[float]], dict[str, Estimate]]:
+    cells: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        cell, loss = cell_of(run), final_val_loss(run)
+        if cell is not None and run.complete and loss is not None:
+            cells.setdefault(cell, []).append(loss)
+    arch_a, arch_m = ARCHITECTURES.values()
+    order = [("AdamW", arch_a), ("AdamW", arch_m), ("Muon", arch_a), ("Muon", arch_m)]
+    missing = [c for c in order if len(cells.get(c, [])) < 2]
+    if missing:
+        raise ValueError(f"every cell needs at least 2 complete runs; too few in: {', '.join(f'{o} with {a}' for o, a in missing)}")
+    groups = [cells[c] for c in order]
+    effects = {
+        "interaction (Muon@M - Muon@A) - (AdamW@M - AdamW@A)": contrast(groups, [1, -1, -1, 1]),
+        "architecture, M's - A's (mean over optimizers)": contrast(groups, [-0.5, 0.5, -0.5, 0.5]),
+        "optimizer, Muon - AdamW (mean over architectures)": contrast(groups, [-0.5, -0.5, 0.5, 0.5]),
+    }
+    return {c: cells[c] for c in order}, effects
+
+
+def format_report(cells: dict[tuple[str, str], list[float]], effects: dict[str, Estimate]) -> str:
+    lines = ["| optimizer | architecture | runs | final val loss, mean | 95% CI |", "|---|---|---|---|---|"]
+    for (opt, arch), losses in cells.items():
+        est = contrast([losses], [1])
+        lines.append(f"| {opt} | {arch} | {len(losses)} | {est.mean:.4f} | {est.lo:.4f} to {est.hi:.4f} |")
+    lines += ["", "| effect | estimate | 95% CI | df |", "|---|---|---|---|"]
+    lines += [f"| {name} | {e.mean:+.4f} | {e.lo:+.4f} to {e.hi:+.4f} | {e.df:.1f} |" for name, e in effects.items()]
+    return "\n".join(lines)
+
+
+def plot(cells: dict[tuple[str, str], list[float]], out: str, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    archs = list(ARCHITECTURES.values())
+    for opt, color in (("AdamW", "tab:blue"), ("Muon", "tab:orange")):
+        means, errs = [], []
+        for i, arch in enumerate(archs):
+            losses = cells[(opt, arch)]
+            est = contrast([losses], [1])
+            means.append(est.mean)
+            errs.append(est.hi - est.mean)
+            ax.scatter([i] * len(losses), losses, color=color, alpha=0.35, s=14)
+        ax.errorbar(range(len(archs)), means, yerr=errs, color=color, marker="o", capsize=5, label=f"{opt} (mean, 95% CI)")
+    ax.set_xticks(range(len(archs)), [a.replace(" (", "\n(") for a in archs])
+    ax.set_xlim(-0.4, len(archs) - 0.6)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if str(y)[0] in "2357" else ""))
+    ax.set_ylabel("validation loss at the last step (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, format="png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", nargs="+", help="train_gpt_A.py / train_gpt_M.py logs")
+    parser.add_argument("-o", "--output", default=None, help="write the figure to this PNG")
+    parser.add_argument("--title", default="optimizer x architecture", help="the figure's title")
+    args = parser.parse_args(argv)
+    try:
+        cells, effects = analyse(load_runs(args.logs))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_report(cells, effects))
+    if args.output:
+        plot(cells, args.output, args.title)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

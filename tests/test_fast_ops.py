@@ -1,0 +1,244 @@
+"""The two layers of each script: the model section's plain ops, and the fast-ops section's drop-ins.
+Every drop-in computes what the plain op it replaces computes (forward and gradients, float32 and
+bfloat16, fresh random inputs); an edit to the model section trains with --fast_ops=false, with
+gradients equal to float64 autograd's, and is refused with fast ops on instead of silently replaced."""
+import functools
+import math
+import os
+import secrets
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load_script, tiny_args
+from test_model_optim import random_tokens, randomize, reference_loss, tiny_config
+
+# Relative error, ||fast - plain|| / ||plain||, that each dtype allows, from the largest seen over
+# 300 draws of every case of test_fast_op_matches_its_plain_op (CPU, torch 2.13), times about 3 or more.
+# float32: both compute the same formula in another order (largest seen 1.1e-6, the output loss; the
+# other ops under 1e-7). bfloat16: the fast backward reads the op's output rounded to bfloat16 where
+# autograd reads its input, and the loss rounds the logits and their gradient to bfloat16 (largest
+# seen 3.0e-3, the output loss; bfloat16's ulp is 2^-8 = 3.9e-3 relative).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# Chunkings of the fast loss sum the same float32 rows in other orders: over 300 draws of
+# test_fast_output_loss_chunks_that_do_and_do_not_divide_the_rows the loss moved by up to 8.4e-7 and the
+# gradients by 3.5e-7, relative; in the model (test_model_loss_does_not_depend_on_loss_chunk, 100
+# draws) the loss by 5.9e-7 and the gradients by up to 5.0e-6.
+CHUNK_RTOL = 2e-5
+
+
+@pytest.fixture(autouse=True)
+def random_seed():
+    """Fresh randomness each run, reproducible from the printed seed."""
+    seed = int(os.environ.get("FAST_OPS_SEED", secrets.randbits(31)))
+    torch.manual_seed(seed)
+    print(f"FAST_OPS_SEED={seed}")
+
+
+def case_inputs(mod, name: str, dtype: torch.dtype) -> tuple[list, int]:
+    """Random arguments of op `name` in `dtype`, and how many leading ones are differentiated."""
+    T, H, D = int(torch.randint(1, 300, ()).item()), 3, 32
+    scale = float(torch.empty(()).uniform_(0.1, 10))
+    if name == "rms_norm":
+        return [(torch.randn(2, T, H * D) * scale).to(dtype)], 1
+    if name == "qk_norm_rope":
+        cos, sin = (t.to(dtype) for t in mod.rope_tables(T, D, float(torch.empty(()).uniform_(10, 5000))))
+        return [(torch.randn(1, T, H, D) * scale).to(dtype), cos, sin], 1
+    if name == "relu_square":
+        x = (torch.randn(T, 4 * D) * scale).to(dtype)
+        x[0, :16] = 0  # the derivative at 0 is 0
+        return [x], 1
+    if name == "output_loss":
+        C, V = 16, int(torch.randint(100, 700, ()).item())
+        cap = float(torch.randint(0, 2, ()).item()) * 30.0
+        return [(torch.randn(T, C) * 2).to(dtype), (torch.randn(V, C) * 2).to(dtype), torch.randint(0, V, (T,)), cap,
+                7.5 * math.sqrt(C)], 2
+    raise KeyError(name)
+
+
+CASES = ("rms_norm", "qk_norm_rope", "relu_square", "output_loss")
+
+
+def test_every_fast_op_has_its_equivalence_test(script):
+    fast, plain = script.fast_ops(script.Config()), script.plain_ops()
+    assert {name for name in script.Ops._fields if getattr(fast, name) is not getattr(plain, name)} == set(CASES)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", CASES)
+def test_fast_op_matches_its_plain_op(script, name, dtype):
+    """Same output dtype and shape, output and gradients of the differentiated arguments within the
+    dtype's tolerance, for a random output gradient."""
+    cfg = script.Config(loss_chunk=int(torch.randint(1, 400, ()).item()))
+    fast_op, plain_op = getattr(script.fast_ops(cfg), name), getattr(script.plain_ops(), name)
+    args, differentiated = case_inputs(script, name, dtype)
+    scale_of_loss = 2.0 ** int(torch.randint(-3, 4, ()).item())
+    results = []
+    for op in (fast_op, plain_op):
+        leaves = [a.clone().requires_grad_() for a in args[:differentiated]]
+        out = op(*leaves, *args[differentiated:])
+        # a scalar loss gets a power of two, as in training (1 / accumulation steps): the fast loss
+        # scales its finished bfloat16 gradients by it, exactly only for powers of two
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)) if out.ndim else scale_of_loss
+        (out.float() * weight).sum().backward()
+        results.append((out, [leaf.grad for leaf in leaves]))
+    (fast_out, fast_grads), (plain_out, plain_grads) = results
+    assert fast_out.dtype == plain_out.dtype and fast_out.shape == plain_out.shape
+    assert relative_error(fast_out, plain_out) < TOLERANCE[dtype]
+    for got, want in zip(fast_grads, plain_grads, strict=True):
+        assert got.dtype == want.dtype and torch.isfinite(got).all()
+        assert relative_error(got, want) < TOLERANCE[dtype], (name, dtype, relative_error(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_norms_and_relu_square_forward_are_the_plain_ops_bit_for_bit(script, dtype):
+    """The kept-output ops change only what the backward keeps: their forward is the plain op's."""
+    fast = script.fast_ops(script.Config())
+    x = (torch.randn(2, 77, 4, 32) * 3).to(dtype)
+    cos, sin = (t.to(dtype) for t in script.rope_tables(77, 32, 1024.0))
+    assert torch.equal(fast.rms_norm(x), script.rms_norm(x))
+    assert torch.equal(fast.qk_norm_rope(x, cos, sin), script.qk_norm_rope(x, cos, sin))
+    assert torch.equal(fast.relu_square(x), script.relu_square(x))
+
+
+def test_relu_square_gradient_is_zero_where_the_input_is_not_positive(script):
+    x = torch.randn(64, 256)
+    x[0, :16] = 0
+    leaf = x.clone().requires_grad_()
+    script.fast_ops(script.Config()).relu_square(leaf).backward(torch.randn(64, 256))
+    assert torch.equal(leaf.grad[x <= 0], torch.zeros_like(leaf.grad[x <= 0]))
+
+
+@pytest.mark.parametrize("V", [50304, 640, 200])  # the padded vocabulary, another multiple of the block, neither
+def test_blocked_logsumexp_is_logsumexp(script, V):
+    """The fast loss's log-sum-exp, made from per-block maxima and sums, is torch.logsumexp's in float32,
+    also for rows whose blocks have maxima far apart (blocks that underflow next to the largest)."""
+    z = torch.randn(37, V) * torch.rand(37, 1) * 50
+    z[:5, : V // 3] -= 200
+    z[5:10, -7:] += 120
+    expected = torch.logsumexp(z.double(), dim=-1)
+    assert torch.allclose(script.blocked_logsumexp(z).double(), expected, rtol=1e-6, atol=0)
+
+
+def test_fast_output_loss_chunks_that_do_and_do_not_divide_the_rows(script):
+    """The same loss and gradients for chunks of 1 row, of sizes that do not divide N, of N and more."""
+    N, C, V = int(torch.randint(50, 300, ()).item()), 16, 200
+    x, w, targets = torch.randn(N, C), torch.randn(V, C), torch.randint(0, V, (N,))
+    results = []
+    for chunk in (1, 7, int(torch.randint(8, N, ()).item()), N, 2 * N):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = script.fast_output_loss(xl, wl, targets, 30.0, 30.0, chunk=chunk)
+        (loss * 0.7).backward()
+        with torch.no_grad():
+            evaluated = script.fast_output_loss(x, w, targets, 30.0, 30.0, chunk=chunk)
+        assert torch.equal(evaluated, loss.detach())  # the same per-chunk sums, without the gradient work
+        results.append((loss, xl.grad, wl.grad))
+    for loss, dx, dw in results[1:]:
+        assert loss.item() == pytest.approx(results[0][0].item(), rel=CHUNK_RTOL)
+        assert relative_error(dx, results[0][1]) < CHUNK_RTOL and relative_error(dw, results[0][2]) < CHUNK_RTOL
+
+
+def test_start_up_check_passes_for_the_shipped_ops(script):
+    script.check_fast_ops(script.Config(), torch.device("cpu"))
+
+
+def gelu(x):
+    return F.gelu(x)
+
+
+def test_edited_model_op_is_refused_with_fast_ops_and_named(script, monkeypatch):
+    monkeypatch.setattr(script, "relu_square", gelu)
+    with pytest.raises(script.FastOpsError, match="relu_square.*--fast_ops=false"):
+        script.check_fast_ops(script.Config(), torch.device("cpu"))
+
+
+def test_edited_model_trains_with_plain_ops_and_autograd_gradients(script, shards, tmp_path, monkeypatch):
+    """Swap ReLU^2 for GELU in the model section: with --fast_ops=false the model's float32 gradients
+    are float64 autograd's through the edited forward, and the tiny run trains (its loss falls); with
+    fast ops the run is refused before its log exists."""
+    monkeypatch.setattr(script, "relu_square", gelu)
+    cfg = tiny_config(script, fast_ops=False, attn_window=int(torch.randint(8, 200, ()).item()))
+    model = randomize(script.GPT(cfg))
+    tokens = random_tokens(257, "mixed")
+    inputs, targets = tokens[:-1], torch.randint(0, 50257, (256,))
+    model(inputs, targets).backward()
+    params = {name: p.detach().double().requires_grad_() for name, p in model.named_parameters()}
+    reference_loss(model, inputs, targets, cfg, softcap=script.BASELINE == "M", params=params, activation=gelu).backward()
+    for name, p in model.named_parameters():
+        expected = params[name].grad
+        assert relative_error(p.grad, expected) < 1e-5, name
+    train, val = shards
+    result = script.main(tiny_args(train, val, tmp_path / "logs", num_iterations=8, val_loss_every=0, val_tokens=1024,
+                                   warmup_compile_steps=0, fast_ops=False))
+    assert result["train_losses"][-1] < result["train_losses"][0] - 1.0
+    with pytest.raises(script.FastOpsError):
+        script.main(tiny_args(train, val, tmp_path / "refused", num_iterations=2, val_tokens=1024))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_model_loss_does_not_depend_on_loss_chunk(script):
+    cfgs = [tiny_config(script, loss_chunk=chunk) for chunk in (256, 100, 1)]
+    torch.manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    model = randomize(script.GPT(cfgs[0]))
+    tokens = random_tokens(257, "mixed")
+    losses, grads = [], []
+    for cfg in cfgs:
+        chunked = script.GPT(cfg)
+        chunked.load_state_dict(model.state_dict())
+        loss = chunked(tokens[:-1], tokens[1:])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in chunked.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=CHUNK_RTOL) and losses[2] == pytest.approx(losses[0], rel=CHUNK_RTOL)
+    for g in grads[1:]:
+        assert relative_error(g, grads[0]) < CHUNK_RTOL
+
+
+# The fused loss kernel against logit_loss_grad in float64 (the PyTorch version of the same chunk op),
+# under the Triton interpreter. Largest differences over 300 draws of each case below (CPU, triton 3.9):
+# the loss 1.9e-5 relative to max(1, |loss|) (the kernel sums 4,096 float32 lanes: about sqrt(4096) x
+# eps), the float32 gradient 1.0e-5 of its row's largest |g| (rows of +-1e4 logits; 4e-7 otherwise);
+# the bfloat16 gradient never more than one bfloat16 ulp from the float64 one rounded, beyond float32
+# dust (1e-37 of the row's largest |g|, in underflowing elements). Tolerances: 5x the float32 ones.
+KERNEL_LOSS_RTOL, KERNEL_GRAD_RTOL = 1e-4, 5e-5
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0, 100.0])  # plain, the fixed-shift soft-cap, a cap above its limit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_kernel_matches_logit_loss_grad(script, softcap, dtype):
+    pytest.importorskip("triton")
+    n, V = int(torch.randint(1, 5, ()).item()), int(torch.randint(1, 9000, ()).item())
+    logits = (torch.randn(n, V) * float(torch.empty(()).uniform_(0.5, 20))).to(dtype)
+    logits[0, : min(3, V)] = 1e4 if softcap == 0 else 60.0  # far from the others: the running max must hold them
+    targets = torch.randint(0, V, (n,))
+    grad_scale, scale = float(torch.empty(()).uniform_(0.01, 1)), float(torch.empty(()).uniform_(5, 300))
+    loss_k, grad_k = script.fused_logit_loss_grad(logits.clone(), targets, softcap, scale, grad_scale, True)
+    loss_t, grad_t = script.logit_loss_grad(logits.double(), targets, softcap, scale, grad_scale, True)
+    assert loss_k.dtype == torch.float32 and grad_k.dtype == dtype and grad_k.shape == logits.shape
+    assert ((loss_k.double() - loss_t).abs() / loss_t.abs().clamp_min(1)).max() <= KERNEL_LOSS_RTOL
+    rows_max = grad_t.abs().amax(1, keepdim=True).clamp_min(grad_scale * 1e-3)
+    if dtype == torch.float32:
+        assert ((grad_k.double() - grad_t).abs() / rows_max).max() <= KERNEL_GRAD_RTOL
+    else:
+        want = grad_t.to(dtype).double()
+        assert ((grad_k.double() - want).abs() <= want.abs() * 2**-7 + 2**-22 * rows_max).all()
+
+
+def test_fast_output_loss_with_the_fused_kernel_matches_the_plain_op(script):
+    pytest.importorskip("triton")
+    N, C, V = int(torch.randint(20, 100, ()).item()), 16, int(torch.randint(100, 3000, ()).item())
+    x, w, targets = torch.randn(N, C), torch.randn(V, C), torch.randint(0, V, (N,))
+    results = []
+    for op in (functools.partial(script.fast_output_loss, chunk=int(torch.randint(1, N, ()).item()),
+                                 chunk_loss=script.fused_logit_loss_grad), script.output_loss):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = op(xl, wl, targets, 30.0, 30.0)
+        loss.backward()
+        results.append((loss, xl.grad, wl.grad))
+    for got, want in zip(*results, strict=True):
+        assert relative_error(got, want) < TOLERANCE[torch.float32]
