@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         peak = f"{r['peak_mib']:,} MiB" if r["peak_mib"] is not None else "-"
         ref = f" {r['ref_ms']:.1f} | {r['ratio']:.3f}x | {r['ref_peak_mib'] or 0:,} MiB |" if args.reference else ""
         print(f"| {r['script']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {peak} |" + ref)
-    print(f"FLOPs per token: " + ", ".join(f"{r['script']} {r['flops_per_token'] / 1e6:.0f}M" for r in rows)
+    print("FLOPs per token: " + ", ".join(f"{r['script']} {r['flops_per_token'] / 1e6:.0f}M" for r in rows)
           + f"; MFU against {args.peak_tflops:.0f} TFLOP/s per GPU")
     print("json: " + json.dumps(rows))
     return rows

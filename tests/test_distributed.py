@@ -5,7 +5,6 @@ import multiprocessing as mp
 import os
 import socket
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,9 +20,9 @@ MEAN_RTOL = 1e-6
 # another order than the accumulation, which changes float32 rounding, and training amplifies that.
 # The noise floor is the same single-process run with its micro-batches accumulated in two other
 # orders (reversed, rotated by one): the same kind of perturbation, measured in each test; 4 processes
-# must stay within NOISE_FACTOR of the larger of the two, plus 4 float32 ulps of the value. Measured over
-# 10 runs of each (CPU, torch 2.13): A's losses, validation loss and parameters all within the 4 ulps;
-# M's training losses within 0.96 x the floor. M's validation loss and block matrices are not compared
+# must stay within NOISE_FACTOR of the larger of the two, plus 4 float32 ulps of the value. Measured
+# (CPU, torch 2.13): in 4 runs of A, its losses, validation loss and parameters all within the 4 ulps;
+# in 10 runs of M, its training losses within 0.96 x the floor. M's validation loss and block matrices are not compared
 # at 4: Muon rounds its update to bfloat16, so a float32 difference changes the update only when it
 # crosses a rounding boundary, a rare event that the two other orders missed in 1 of 10 runs (floor 0)
 # while the 4 processes hit it (4e-6 relative in the validation loss). The rank split of Muon is

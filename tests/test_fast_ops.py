@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_script, tiny_args
+from conftest import tiny_args
 from test_model_optim import random_tokens, randomize, reference_loss, tiny_config
 
 # Relative error, ||fast - plain|| / ||plain||, that each dtype allows, from the largest seen over

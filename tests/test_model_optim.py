@@ -574,7 +574,6 @@ def ns_shapes():
 def random_square(*shape):
     """Square matrices with singular values spread over [0.05, 1] x a random scale. (Square Gaussian
     matrices have singular values near 0 that 5 steps cannot lift: that is NS, not a defect.)"""
-    n = shape[-1]
     U = torch.linalg.qr(torch.randn(*shape, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(*shape, dtype=torch.float64))[0]
     s = torch.empty(*shape[:-1], dtype=torch.float64).uniform_(0.05, 1.0) * float(torch.empty(()).uniform_(0.1, 10))
