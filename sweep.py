@@ -515,15 +515,18 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{len(devices) * args.jobs_per_gpu} at a time on {', '.join(meta['devices'])}; output in {out}", flush=True)
     sweep = Sweep(jobs, devices, args.jobs_per_gpu, out, meta, lambda line: print(line, flush=True))
 
-    # SIGTERM (a scheduler, kill) stops the sweep as Ctrl-C does; only the main thread may set handlers.
-    previous = None
+    # SIGTERM (a scheduler, kill) stops the sweep as Ctrl-C does, and Ctrl-C does so even where the sweep
+    # was started with SIGINT ignored (a background job of a non-interactive shell); only the main
+    # thread may set handlers.
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt),
+                    signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         completed = sweep.run()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     _remove_empty_dirs(out / STAGING)
 
     print()
