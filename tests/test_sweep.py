@@ -250,6 +250,25 @@ def test_interrupt_kills_the_running_run_and_keeps_the_manifest(tmp_path, stub, 
     assert (code, statuses, _alive(slow_pid)) == (130, ["ok", "interrupted"], False)
 
 
+def test_interrupt_works_when_started_with_sigint_ignored(tmp_path, stub, record):
+    """A background job of a non-interactive shell starts with SIGINT ignored; Ctrl-C must still stop
+    the sweep (and its runs) rather than being lost."""
+    out = tmp_path / "out"
+    argv = [sys.executable, str(ROOT / "sweep.py"), "--num_seeds", "1", "--out", str(out), "--cpu",
+            "--run", f"{stub} --tag=slow --sleep_ms=60000", "--", f"--record={record}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (record.exists() and "slow" in record.read_text()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert code == 130
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
