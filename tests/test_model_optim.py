@@ -305,6 +305,24 @@ def test_model_rounds_rope_tables_to_bfloat16_with_its_parameters(mod):
     assert "rope_cos" not in model.state_dict()
 
 
+@pytest.mark.parametrize("fast_ops", [False, True])
+def test_bfloat16_model_rotates_with_the_rounded_tables(mod, fast_ops):
+    """The forward hands q/k's rotation the model's bfloat16 tables, not float32 ones made on the way."""
+    cfg = tiny_config(mod, seq_len=256, fast_ops=fast_ops, param_dtype="bfloat16")
+    model = mod.GPT(cfg).bfloat16()
+    seen = []
+    for block in model.blocks:
+        real = block.attn.ops.qk_norm_rope
+        block.attn.ops = block.attn.ops._replace(qk_norm_rope=lambda x, cos, sin, real=real: seen.append((cos, sin)) or real(x, cos, sin))
+    with torch.no_grad():
+        model(random_tokens(200, "mixed"))
+    cos, sin = mod.rope_tables(200, cfg.model_dim // cfg.num_heads, cfg.rope_base)
+    assert len(seen) == 2 * cfg.num_layers
+    for got_cos, got_sin in seen:
+        assert got_cos.dtype == got_sin.dtype == torch.bfloat16
+        assert torch.equal(got_cos, cos.bfloat16()) and torch.equal(got_sin, sin.bfloat16())
+
+
 @pytest.mark.parametrize("D", [16, 128])
 def test_rope_matches_formula(mod, D):
     """y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos with the SPEC's truncated frequencies, base 1024."""
