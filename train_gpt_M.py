@@ -40,8 +40,10 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the fast loss then runs as compiled PyTorch
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # the fast ops then run their PyTorch paths (the loss compiled)
     triton = None
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton kernels run on the CPU (tests)
 
 # -----------------------------------------------------------------------------
 # Model: the math of SPEC.md in plain PyTorch ops. The model calls these ops through `self.ops`;
@@ -67,6 +69,11 @@ def qk_norm_rope(x_BTHD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def relu_square(x: Tensor) -> Tensor:
     return F.relu(x).square()
+
+
+def mlp(x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
+    """The MLP: ReLU^2 between two bias-free linear maps."""
+    return F.linear(relu_square(F.linear(x, fc_w)), proj_w)
 
 
 def output_logits(x_NC: Tensor, w_VC: Tensor, softcap: float, softcap_scale: float) -> Tensor:
@@ -122,7 +129,7 @@ class MLP(nn.Module):
         self.proj.weight.detach().zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.ops.relu_square(self.fc(x)))
+        return self.ops.mlp(x, self.fc.weight, self.proj.weight)
 
 
 class Block(nn.Module):
@@ -293,19 +300,40 @@ class KeptOutputNormRope(torch.autograd.Function):
         return (rinv * (g - n * (g * n).mean(-1, keepdim=True))).type_as(grad), None, None
 
 
-class KeptOutputReLUSquare(torch.autograd.Function):
-    """relu(x)^2 keeping only its output for the backward: relu(x) = sqrt(output)."""
+class FusedMLP(torch.autograd.Function):
+    """mlp with ReLU^2 inside the products: the first product's epilogue squares it, and in the backward the
+    product that makes the hidden gradient multiplies it by ReLU^2's derivative, 2 relu(h) = 2 sqrt(y).
+    The hidden activations h, and their gradient before the derivative, never reach memory: per layer
+    four passes over the T x 4C hidden tensor fewer. Keeps the input x and the output y of ReLU^2."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        y = F.relu(x).square()
-        ctx.save_for_backward(y)
-        return y
+    def forward(ctx, x: Tensor, fc_w: Tensor, proj_w: Tensor) -> Tensor:
+        x_NC = x.reshape(-1, x.size(-1))
+        y_NH = matmul_relu_square(x_NC, fc_w)
+        ctx.save_for_backward(x_NC, y_NH, fc_w, proj_w)
+        ctx.x_shape = x.shape
+        return (y_NH @ proj_w.T).view(*x.shape[:-1], proj_w.size(0))
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (y,) = ctx.saved_tensors
-        return (2 * y.float().sqrt() * grad.float()).type_as(grad)
+    def backward(ctx, grad: Tensor):
+        x_NC, y_NH, fc_w, proj_w = ctx.saved_tensors
+        g_NC = grad.reshape(-1, grad.size(-1)).contiguous()
+        dh_NH = matmul_relu_square_grad(g_NC, proj_w, y_NH)
+        return (dh_NH @ fc_w).view(ctx.x_shape), dh_NH.T @ x_NC, g_NC.T @ y_NH
+
+
+def matmul_relu_square(x_NC: Tensor, w_HC: Tensor) -> Tensor:
+    """relu(x @ w^T)^2, the product rounded to the inputs' dtype first, as an unfused product would write it."""
+    if x_NC.is_cuda and triton is not None and tma_ready(x_NC, w_HC):
+        return fused_matmul_epilogue(x_NC, w_HC, None, b_kn=False)
+    return F.relu(x_NC @ w_HC.T).square()
+
+
+def matmul_relu_square_grad(g_NC: Tensor, w_CH: Tensor, y_NH: Tensor) -> Tensor:
+    """(g @ w) * 2 sqrt(y): the gradient before ReLU^2 from the gradient after it and its output y."""
+    if g_NC.is_cuda and triton is not None and tma_ready(g_NC, w_CH, y_NH):
+        return fused_matmul_epilogue(g_NC, w_CH, y_NH, b_kn=True)
+    return (2 * y_NH.float().sqrt() * (g_NC @ w_CH).float()).type_as(g_NC)
 
 
 def blocked_logsumexp(z_nV: Tensor) -> Tensor:
@@ -432,9 +460,107 @@ def fused_logit_loss_grad(logits_nV: Tensor, targets_n: Tensor, softcap: float, 
         logits_nV, targets_n, loss_n, V, logits_nV.stride(0), -1.4426950408889634 / softcap_scale if use_cap else 0.0,
         softcap, softcap * 1.4426950408889634, grad_scale * softcap / softcap_scale if use_cap else grad_scale,
         SOFTCAP=use_cap, FIXED_SHIFT=use_cap and softcap <= FIXED_SHIFT_MAX_SOFTCAP, BLOCK_V=min(LOSS_BLOCK_V, triton.next_power_of_2(V)),
-        ROUND_RNE=os.environ.get("TRITON_INTERPRET") == "1" and logits_nV.dtype == torch.bfloat16, num_warps=LOSS_NUM_WARPS,
+        ROUND_RNE=TRITON_INTERPRETED and logits_nV.dtype == torch.bfloat16, num_warps=LOSS_NUM_WARPS,
     )
     return loss_n, logits_nV
+
+
+# The MLP's products with ReLU^2 (or its derivative) in the epilogue: a persistent matrix product whose tiles
+# come and go through tensor descriptors (TMA), so that a tile's epilogue overlaps the next tile's loads.
+# Tiles measured on one H100 at 65,536 x 768 x 3,072 (bench/mlp.py; bench/NOTES.md).
+MLP_TILE = (128, 256, 64)  # bfloat16 tile: rows, columns, inner
+MLP_GROUP_M = 8  # row blocks swept together, so that their rows of A stay in L2
+MLP_NUM_WARPS, MLP_NUM_STAGES = 8, 3  # warps per program; inner tiles loaded ahead
+MLP_TILE_FP32 = (64, 64, 32)  # float32 (start-up check, tests): a bfloat16-sized tile overflows shared memory
+MLP_INTERPRETER_PROGRAMS = 4  # persistent programs under the Triton interpreter
+SM_COUNT: dict[int, int] = {}  # multiprocessors per CUDA device index, looked up once
+
+if triton is not None:
+
+    @triton.jit
+    def _round_rne(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+        """x rounded to dtype, to nearest even: with EMULATE, by hand (the interpreter's bfloat16 cast truncates)."""
+        if EMULATE:
+            b = x.to(tl.uint32, bitcast=True)
+            x = (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _epilogue(h, y_desc, off_m, off_n, GRAD: tl.constexpr, EMULATE: tl.constexpr):
+        """relu(h)^2, or with GRAD h * 2 sqrt(y), from the product h rounded as an unfused product writes it.
+        tl.sqrt, not tl.sqrt_rn: the latter's slow path for zeros (half of y) costs 0.45 ms a product."""
+        dtype: tl.constexpr = y_desc.dtype
+        h = _round_rne(h, dtype, EMULATE).to(tl.float32)
+        if GRAD:
+            out = 2.0 * tl.sqrt(y_desc.load([off_m, off_n]).to(tl.float32)) * h
+        else:
+            r = tl.maximum(h, 0.0)
+            out = r * r
+        return _round_rne(out, dtype, EMULATE)
+
+    @triton.jit
+    def _matmul_epilogue_kernel(a_desc, b_desc, c_desc, y_desc, M, N, K, GRAD: tl.constexpr, B_KN: tl.constexpr,
+                                PRECISION: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """c = relu(a @ b)^2, or with GRAD c = (a @ b) * 2 sqrt(y); the programs take the BLOCK_M x BLOCK_N tiles
+        of c in turn. b is K x N with B_KN, else N x K. With GRAD the epilogue works on two column halves
+        (y's tile would not fit in shared memory beside the loads in flight)."""
+        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), blocks_m * blocks_n, tl.num_programs(0), flatten=True):
+            group = tile // (GROUP_M * blocks_n)
+            rows_in_group = min(blocks_m - group * GROUP_M, GROUP_M)
+            off_m = (group * GROUP_M + (tile % (GROUP_M * blocks_n)) % rows_in_group) * BLOCK_M
+            off_n = ((tile % (GROUP_M * blocks_n)) // rows_in_group) * BLOCK_N
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for ki in range(tl.cdiv(K, BLOCK_K)):
+                a = a_desc.load([off_m, ki * BLOCK_K])
+                if B_KN:
+                    b = b_desc.load([ki * BLOCK_K, off_n])
+                else:
+                    b = b_desc.load([off_n, ki * BLOCK_K]).T
+                if EMULATE:  # the interpreter's bfloat16 products are wrong; float32 ones of bfloat16 inputs are exact
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if GRAD:
+                h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                c_desc.store([off_m, off_n], _epilogue(h0, y_desc, off_m, off_n, GRAD, EMULATE))
+                c_desc.store([off_m, off_n + BLOCK_N // 2], _epilogue(h1, y_desc, off_m, off_n + BLOCK_N // 2, GRAD, EMULATE))
+            else:
+                c_desc.store([off_m, off_n], _epilogue(acc, y_desc, off_m, off_n, GRAD, EMULATE))
+
+
+def fused_matmul_epilogue(a_NK: Tensor, b: Tensor, y_NH: Tensor | None, b_kn: bool, tile: tuple[int, int, int] | None = None,
+                          num_warps: int = MLP_NUM_WARPS, num_stages: int = MLP_NUM_STAGES) -> Tensor:
+    """relu(a @ b)^2, or (a @ b) * 2 sqrt(y) when y is given, as one Triton kernel; b is K x H if b_kn, else H x K.
+    Every tensor has contiguous rows of a multiple of 16 bytes (TMA). On CPU it runs under TRITON_INTERPRET=1.
+    `tile` and the launch settings exist for bench/mlp.py."""
+    N, K = a_NK.shape
+    H = b.size(1) if b_kn else b.size(0)
+    block_m, block_n, block_k = tile or (MLP_TILE if a_NK.dtype == torch.bfloat16 else MLP_TILE_FP32)
+    c_NH = torch.empty(N, H, dtype=a_NK.dtype, device=a_NK.device)
+    half_n = block_n // 2 if y_NH is not None else block_n
+    if a_NK.is_cuda:
+        if a_NK.device.index not in SM_COUNT:
+            SM_COUNT[a_NK.device.index] = torch.cuda.get_device_properties(a_NK.device).multi_processor_count
+        programs = SM_COUNT[a_NK.device.index]
+    else:
+        programs = MLP_INTERPRETER_PROGRAMS
+    _matmul_epilogue_kernel[(min(programs, triton.cdiv(N, block_m) * triton.cdiv(H, block_n)),)](
+        TensorDescriptor.from_tensor(a_NK, [block_m, block_k]),
+        TensorDescriptor.from_tensor(b, [block_k, block_n] if b_kn else [block_n, block_k]),
+        TensorDescriptor.from_tensor(c_NH, [block_m, half_n]),
+        TensorDescriptor.from_tensor(c_NH if y_NH is None else y_NH, [block_m, half_n]),
+        N, H, K, GRAD=y_NH is not None, B_KN=b_kn,
+        PRECISION="ieee" if a_NK.dtype == torch.float32 or TRITON_INTERPRETED else "tf32",
+        EMULATE=TRITON_INTERPRETED and a_NK.dtype == torch.bfloat16,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=MLP_GROUP_M, num_warps=num_warps, num_stages=num_stages,
+    )
+    return c_NH
+
+
+def tma_ready(*tensors: Tensor) -> bool:
+    """Rows contiguous and a multiple of 16 bytes long, as tensor descriptors need."""
+    return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
 
 def chunked_output_loss(x_NC: Tensor, w_VC: Tensor, targets_N: Tensor, softcap: float, softcap_scale: float, chunk: int,
@@ -443,16 +569,26 @@ def chunked_output_loss(x_NC: Tensor, w_VC: Tensor, targets_N: Tensor, softcap: 
     exist at once. With grads, also d(loss)/dx and d(loss)/dw, summed over the chunks (w's in float32)."""
     N = x_NC.size(0)
     total = torch.zeros((), dtype=torch.float32, device=x_NC.device)
-    dx_chunks, dw_VC = [], torch.zeros(w_VC.shape, dtype=torch.float32, device=w_VC.device) if grads else None
+    dx_NC = torch.empty_like(x_NC) if grads else None
+    dw_VC = torch.zeros(w_VC.shape, dtype=torch.float32, device=w_VC.device) if grads else None
     for start in range(0, N, chunk):
         x_nC = x_NC[start : start + chunk]
         loss_n, grad_nV = chunk_loss(x_nC @ w_VC.T, targets_N[start : start + chunk], softcap, softcap_scale, 1 / N, grads)
         total += loss_n.sum()
         if grads:
-            dx_chunks.append(grad_nV @ w_VC)
-            dw_VC += (grad_nV.T @ x_nC).float()
+            torch.mm(grad_nV, w_VC, out=dx_NC[start : start + chunk])
+            accumulate_product(dw_VC, grad_nV.T, x_nC)
     loss = total / N
-    return (loss, torch.cat(dx_chunks), dw_VC.to(w_VC.dtype)) if grads else loss
+    return (loss, dx_NC, dw_VC.to(w_VC.dtype)) if grads else loss
+
+
+def accumulate_product(acc_VC: Tensor, a_Vn: Tensor, b_nC: Tensor) -> None:
+    """acc += a @ b, the product summed in float32 and added unrounded: on CUDA in the product's own
+    epilogue (a bfloat16 product, cast and added, would cost three passes over a V x C float32 tensor)."""
+    if acc_VC.is_cuda:
+        torch.addmm(acc_VC, a_Vn, b_nC, out_dtype=torch.float32, out=acc_VC)
+    else:
+        acc_VC.addmm_(a_Vn.float(), b_nC.float())
 
 
 class ChunkedOutputLoss(torch.autograd.Function):
@@ -489,20 +625,20 @@ class Ops(NamedTuple):
 
     rms_norm: Callable
     qk_norm_rope: Callable
-    relu_square: Callable
+    mlp: Callable
     output_loss: Callable
 
 
 def plain_ops() -> Ops:
     """The model section's ops as they are when the model is built, so that an edited or patched op takes effect."""
-    return Ops(rms_norm, qk_norm_rope, relu_square, output_loss)
+    return Ops(rms_norm, qk_norm_rope, mlp, output_loss)
 
 
 def fast_ops(cfg: "Config") -> Ops:
     return plain_ops()._replace(
         rms_norm=KeptOutputRMSNorm.apply,
         qk_norm_rope=KeptOutputNormRope.apply,
-        relu_square=KeptOutputReLUSquare.apply,
+        mlp=FusedMLP.apply,
         output_loss=functools.partial(fast_output_loss, chunk=cfg.loss_chunk),
     )
 
@@ -522,11 +658,12 @@ def check_fast_ops(cfg: "Config", device: torch.device) -> None:
     inputs = {  # each op's arguments; gradients are compared for the first `differentiable` of them
         "rms_norm": lambda: (torch.randn(1, N, H, D, device=device, generator=gen) * 3,),
         "qk_norm_rope": lambda: (torch.randn(1, N, H, D, device=device, generator=gen) * 3, cos, sin),
-        "relu_square": lambda: (torch.randn(N, 4 * D, device=device, generator=gen),),
+        "mlp": lambda: (torch.randn(N, D, device=device, generator=gen), torch.randn(4 * D, D, device=device, generator=gen),
+                        torch.randn(D, 4 * D, device=device, generator=gen)),
         "output_loss": lambda: (torch.randn(N, D, device=device, generator=gen), torch.randn(V, D, device=device, generator=gen),
                                 targets, cfg.logit_softcap, cfg.softcap_temp * math.sqrt(cfg.model_dim)),
     }
-    differentiable = dict(rms_norm=1, qk_norm_rope=1, relu_square=1, output_loss=2)
+    differentiable = dict(rms_norm=1, qk_norm_rope=1, mlp=3, output_loss=2)
     for name in Ops._fields:
         fast_op, plain_op = getattr(fast, name), getattr(plain, name)
         if fast_op is plain_op:
@@ -862,10 +999,14 @@ def newton_schulz(G_NRC: Tensor, steps: int) -> Tensor:
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
+    X_nRC = X.reshape(-1, *X.shape[-2:])
+    X_nRC = X_nRC / (X_nRC.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
     for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        A_nRR = X_nRC @ X_nRC.mT
+        # b A + c A A and a X + B X inside the products (beta * input + alpha * product, one rounding each)
+        B_nRR = torch.baddbmm(A_nRR, A_nRR, A_nRR, beta=b, alpha=c)
+        X_nRC = torch.baddbmm(X_nRC, B_nRR, X_nRC, beta=a)
+    X = X_nRC.view(X.shape)
     return X.mT if tall else X
 
 
@@ -892,15 +1033,16 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self) -> None:
         for group in self.param_groups:
-            m = group["momentum"]
+            m, params = group["momentum"], group["params"]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            grads, bufs = [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params]
+            # one multi-tensor kernel per op instead of one per parameter
+            torch._foreach_lerp_(bufs, grads, 1 - m)
+            updates = torch._foreach_lerp(grads, bufs, m)
             batches: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
-            for p in group["params"]:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - m)
-                update = p.grad.lerp(buf, m)
+            for p, update in zip(params, updates):
                 rows, cols = p.shape[-2:]
                 update_NRC = update.reshape(-1, rows, cols)
                 batches.setdefault((min(rows, cols), max(rows, cols)), []).append(
@@ -908,13 +1050,14 @@ class Muon(torch.optim.Optimizer):
                 )
             for items in batches.values():
                 ortho_NRC = self.orthogonalize(torch.cat([u for _, u in items]), group["ns_steps"])
-                offset = 0
-                for p, u in items:
-                    o_NRC = ortho_NRC[offset : offset + u.size(0)]
-                    offset += u.size(0)
+                by_scale: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+                for (p, _), o_NRC in zip(items, ortho_NRC.split([u.size(0) for _, u in items])):
                     rows, cols = p.shape[-2:]
-                    o_NRC = o_NRC.mT if rows > cols else o_NRC
-                    p.add_(o_NRC.reshape(p.shape).to(p.dtype), alpha=-group["lr"] * max(1, rows / cols) ** 0.5)
+                    targets, deltas = by_scale.setdefault(max(1, rows / cols) ** 0.5, ([], []))
+                    targets.append(p)
+                    deltas.append((o_NRC.mT if rows > cols else o_NRC).reshape(p.shape).to(p.dtype))
+                for scale, (targets, deltas) in by_scale.items():
+                    torch._foreach_add_(targets, deltas, alpha=-group["lr"] * scale)
 
 
 # -----------------------------------------------------------------------------

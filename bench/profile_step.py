@@ -24,6 +24,8 @@ from synthetic import synthetic_tokens  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = [  # first match wins: substrings of kernel names
+    ("MLP products + ReLU^2 (fast ops)", ("_matmul_epilogue",)),
+    ("loss kernel (fast ops)", ("_logit_loss_grad",)),
     ("flex-attention", ("flex", "attention")),
     ("matmul (gemm)", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
     ("Newton-Schulz/optimizer", ("adam", "foreach", "lerp")),

@@ -1,10 +1,12 @@
 """bench/: the synthetic shards, the FLOP count behind MFU, and the speed table end to end (tiny, CPU)."""
 import importlib.util
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, load_script
 
@@ -157,3 +159,11 @@ def test_interaction_of_a_synthetic_two_by_two(tmp_path):
         __import__("scipy").stats.t.ppf(0.975, estimate.df) * variance**0.5)
     interaction.plot(cells, str(tmp_path / "fig.png"), "test")
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("tool", ["mlp.py", "muon.py"])
+def test_gpu_only_benchmarks_say_so_on_cpu(tool):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", tool)], capture_output=True, text=True)
+    assert result.returncode == 1 and f"bench/{tool} needs a CUDA GPU" in result.stderr

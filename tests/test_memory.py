@@ -37,4 +37,4 @@ def test_memory_tool_prints_per_layer_and_full_size(capsys, monkeypatch):
     memory.main()
     out = capsys.readouterr().out
     assert "per layer:" in out and "GiB of block activations" in out
-    assert "[1, 256, 256]" in out  # ReLU^2's output, T x 4 * dim
+    assert "[256, 256]" in out  # ReLU^2's output, T x 4 * dim
