@@ -154,19 +154,24 @@ def test_group_labels():
     assert sorted(labels, key=runlog.group_sort_key) == ["A", "A (logit_softcap=30.0)", "M", "M (tied_embed=True)"]
 
 
+# Crafted validation curves, (step, loss, time in ms) each, with the target and the steps and time at which
+# linear interpolation crosses it: 3.30 -> 3.26 between steps 5 and 10 (1000 and 2000 ms) puts 3.28 halfway
+# and 3.29 a quarter of the way; a point exactly at the target; a run below it from its first point; a run
+# that never reaches it.
+CRAFTED_CURVES = [
+    ([(0, 10.0, 0.0), (5, 3.30, 1000.0), (10, 3.26, 2000.0)], 3.28, 7.5, 1500.0),
+    ([(0, 10.0, 0.0), (5, 3.30, 1000.0), (10, 3.26, 2000.0)], 3.29, 6.25, 1250.0),
+    ([(0, 10.0, 0.0), (5, 3.28, 700.0), (10, 3.0, 900.0)], 3.28, 5.0, 700.0),
+    ([(0, 3.0, 40.0), (5, 2.9, 90.0)], 3.28, 0.0, 40.0),
+    ([(0, 10.0, 0.0), (5, 3.2801, 500.0)], 3.28, None, None),
+]
+
+
 def test_time_to_target_interpolates_on_crafted_curve():
     base = runlog.parse_log(fixture("good_A.log"))
-    crossing = dataclasses.replace(base, val=[(0, 10.0, 0.0), (5, 3.30, 1000.0), (10, 3.26, 2000.0)])
-    # 3.30 -> 3.26 between 1000 and 2000 ms; 3.28 is halfway: 1000 + (0.02 / 0.04) * 1000 = 1500 ms.
-    assert runlog.time_to_target(crossing) == pytest.approx(1500.0)
-    # Another target on the same segment: 3.29 is a quarter of the way: 1000 + 0.25 * 1000 = 1250 ms.
-    assert runlog.time_to_target(crossing, target=3.29) == pytest.approx(1250.0)
-    exact = dataclasses.replace(base, val=[(0, 10.0, 0.0), (5, 3.28, 700.0), (10, 3.0, 900.0)])
-    assert runlog.time_to_target(exact) == pytest.approx(700.0)
-    already = dataclasses.replace(base, val=[(0, 3.0, 40.0), (5, 2.9, 90.0)])
-    assert runlog.time_to_target(already) == 40.0
-    never = dataclasses.replace(base, val=[(0, 10.0, 0.0), (5, 3.2801, 500.0)])
-    assert runlog.time_to_target(never) is None
+    for val, target, _, time_ms in CRAFTED_CURVES:
+        got = runlog.time_to_target(dataclasses.replace(base, val=val), target=target)
+        assert got == (None if time_ms is None else pytest.approx(time_ms)), (val, target)
     assert runlog.time_to_target(dataclasses.replace(base, val=[])) is None
 
 
@@ -448,17 +453,11 @@ def test_bad_train_loss_is_an_error(tmp_path):
 
 def test_steps_to_target_interpolates():
     base = runlog.parse_log(fixture("good_A.log"))
-    crossing = dataclasses.replace(base, val=[(0, 10.0, 0.0), (5, 3.30, 1000.0), (10, 3.26, 2000.0)])
-    # 3.30 -> 3.26 between steps 5 and 10; 3.28 is halfway: step 7.5; 3.29 a quarter of the way: 6.25
-    assert runlog.steps_to_target(crossing) == pytest.approx(7.5)
-    assert runlog.steps_to_target(crossing, target=3.29) == pytest.approx(6.25)
-    exact = dataclasses.replace(base, val=[(0, 10.0, 0.0), (5, 3.28, 700.0), (10, 3.0, 900.0)])
-    assert runlog.steps_to_target(exact) == pytest.approx(5.0)
-    already = dataclasses.replace(base, val=[(0, 3.0, 40.0), (5, 2.9, 90.0)])
-    assert runlog.steps_to_target(already) == 0.0
+    for val, target, steps, _ in CRAFTED_CURVES:
+        got = runlog.steps_to_target(dataclasses.replace(base, val=val), target=target)
+        assert got == (None if steps is None else pytest.approx(steps)), (val, target)
     after_nan = dataclasses.replace(base, val=[(0, 10.0, 0.0), (5, math.nan, 10.0), (10, 3.0, 20.0)])
     assert runlog.steps_to_target(after_nan) == 10.0
-    assert runlog.steps_to_target(dataclasses.replace(base, val=[(0, 10.0, 0.0), (5, 3.2801, 1.0)])) is None
     # M_seed0: 3.30 @ 15 -> 3.25 @ 20: 15 + (0.02 / 0.05) * 5 = 17
     assert runlog.steps_to_target(runlog.parse_log(fixture("M_seed0.log"))) == pytest.approx(17.0)
 
