@@ -62,9 +62,10 @@ def rotary(x_BTHD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(x_BTHD)
 
 
-def qk_norm_rope(x_BTHD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Queries and keys: RMS-normalised over the head dim, then rotated."""
-    return rotary(rms_norm(x_BTHD), cos, sin)
+def qk_norm_rope(qk_BTND: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Queries and keys side by side as 2H heads: RMS-normalised over the head dim, rotated, then
+    split into the queries and the keys."""
+    return rotary(rms_norm(qk_BTND), cos, sin).chunk(2, dim=2)
 
 
 def relu_square(x: Tensor) -> Tensor:
@@ -113,9 +114,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x_BTC: Tensor, mask: "BlockMask | Tensor", cos: Tensor, sin: Tensor) -> Tensor:
         B, T, C = x_BTC.shape
         # v in a product of its own: as a view of one qkv output it would keep q and k's inputs alive
-        q_BTHD, k_BTHD = F.linear(x_BTC, self.qkv_w[:2].flatten(0, 1)).view(B, T, 2, self.num_heads, self.head_dim).unbind(2)
+        qk_BTND = F.linear(x_BTC, self.qkv_w[:2].flatten(0, 1)).view(B, T, 2 * self.num_heads, self.head_dim)
         v_BTHD = F.linear(x_BTC, self.qkv_w[2]).view(B, T, self.num_heads, self.head_dim)
-        q_BTHD, k_BTHD = self.ops.qk_norm_rope(q_BTHD, cos, sin), self.ops.qk_norm_rope(k_BTHD, cos, sin)
+        q_BTHD, k_BTHD = self.ops.qk_norm_rope(qk_BTND, cos, sin)
         y_BTHD = attention(q_BTHD, k_BTHD, v_BTHD, mask, self.scale)
         return self.proj(y_BTHD.reshape(B, T, C))
 
@@ -280,24 +281,42 @@ def rotate(x_BTHD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(x_BTHD)
 
 
-class KeptOutputNormRope(torch.autograd.Function):
-    """qk_norm_rope keeping its output y (which attention keeps anyway) and the inverse RMS r, not its
-    input nor the normalised, unrotated vector: the rotation is orthogonal, so y rotated back is that
-    vector n, and dx = r * (g_n - n * mean(g_n * n)) for the output gradient rotated back, g_n."""
+def norm_rope(x_BTND: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """rotary(rms_norm(x)) in PyTorch, and the float32 inverse RMS r that its backward needs."""
+    x_f32 = x_BTND.float()
+    rinv_BTN1 = torch.rsqrt(x_f32.square().mean(-1, keepdim=True) + torch.finfo(x_f32.dtype).eps)
+    return rotate((x_f32 * rinv_BTN1).type_as(x_BTND), cos, sin), rinv_BTN1
+
+
+def norm_rope_grad(g_BTND: Tensor, y_BTND: Tensor, rinv_BTN1: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """d/dx of rotary(rms_norm(x)) from its output y: the rotation is orthogonal, so y rotated back is the
+    normalised vector n, and dx = r * (g_n - n * mean(g_n * n)) for the output gradient rotated back, g_n."""
+    n, g = rotate(y_BTND.float(), cos, -sin), rotate(g_BTND.float(), cos, -sin)
+    return (rinv_BTN1 * (g - n * (g * n).mean(-1, keepdim=True))).type_as(g_BTND)
+
+
+class FusedNormRope(torch.autograd.Function):
+    """qk_norm_rope keeping its outputs (which attention keeps anyway) and the inverse RMS r, not its input.
+    On CUDA one Triton kernel each way: the forward writes the queries and the keys apart, the backward
+    reads their two gradients where attention left them and writes the one input gradient (no concatenation)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x_f32 = x.float()
-        rinv = torch.rsqrt(x_f32.square().mean(-1, keepdim=True) + torch.finfo(x_f32.dtype).eps)
-        y = rotate((x_f32 * rinv).type_as(x), cos, sin)
-        ctx.save_for_backward(y, rinv, cos, sin)
-        return y
+    def forward(ctx, qk_BTND: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        if qk_BTND.is_cuda and norm_rope_kernel_ready(qk_BTND, cos, sin):
+            q_BTHD, k_BTHD, rinv_BTN1 = fused_norm_rope(qk_BTND, cos, sin)
+        else:
+            y_BTND, rinv_BTN1 = norm_rope(qk_BTND, cos, sin)
+            q_BTHD, k_BTHD = (y.contiguous() for y in y_BTND.chunk(2, dim=2))
+        ctx.save_for_backward(q_BTHD, k_BTHD, rinv_BTN1, cos, sin)
+        return q_BTHD, k_BTHD
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        y, rinv, cos, sin = ctx.saved_tensors
-        n, g = rotate(y.float(), cos, -sin), rotate(grad.float(), cos, -sin)
-        return (rinv * (g - n * (g * n).mean(-1, keepdim=True))).type_as(grad), None, None
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor):
+        q_BTHD, k_BTHD, rinv_BTN1, cos, sin = ctx.saved_tensors
+        if q_BTHD.is_cuda and norm_rope_kernel_ready(q_BTHD, cos, sin):
+            return fused_norm_rope_grad(grad_q, grad_k, q_BTHD, k_BTHD, rinv_BTN1, cos, sin), None, None
+        g_BTND, y_BTND = torch.cat((grad_q, grad_k), dim=2), torch.cat((q_BTHD, k_BTHD), dim=2)
+        return norm_rope_grad(g_BTND, y_BTND, rinv_BTN1, cos, sin), None, None
 
 
 class FusedMLP(torch.autograd.Function):
@@ -465,6 +484,125 @@ def fused_logit_loss_grad(logits_nV: Tensor, targets_n: Tensor, softcap: float, 
     return loss_n, logits_nV
 
 
+# qk_norm_rope's kernels: a program takes a block of NORM_ROPE_BLOCK_T tokens and goes through their 2H heads,
+# so that it loads the tables once; the head vector's two halves are two tiles, in float32 with the plain op's
+# roundings. q and k are two outputs, so that the backward takes attention's two gradients as they are.
+NORM_ROPE_BLOCK_T = 8  # tokens per program: with 2 warps, 16-byte loads and stores (bench/qk_norm_rope.py)
+NORM_ROPE_NUM_WARPS = 2  # warps per program
+
+if triton is not None:
+
+    @triton.jit
+    def _round_rne(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+        """x rounded to dtype, to nearest even: with EMULATE, by hand (the interpreter's bfloat16 cast truncates)."""
+        if EMULATE:
+            b = x.to(tl.uint32, bitcast=True)
+            x = (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _norm_rope_head(x_ptr, q_ptr, k_ptr, rinv_ptr, c, s, t, d, inside, b, head, T, sx_b, sx_t, sx_h, eps,
+                        H: tl.constexpr, D: tl.constexpr, EMULATE: tl.constexpr):
+        x = x_ptr + b * sx_b + t * sx_t + head * sx_h + d
+        x1, x2 = tl.load(x, mask=inside, other=0.0).to(tl.float32), tl.load(x + D // 2, mask=inside, other=0.0).to(tl.float32)
+        r = tl.math.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
+        dtype: tl.constexpr = q_ptr.dtype.element_ty
+        n1, n2 = _round_rne(x1 * r, dtype, EMULATE).to(tl.float32), _round_rne(x2 * r, dtype, EMULATE).to(tl.float32)
+        y1, y2 = _round_rne(n1 * c + n2 * s, dtype, EMULATE), _round_rne(n2 * c - n1 * s, dtype, EMULATE)
+        tl.store(rinv_ptr + (b * 2 * H + head) * T + t, r, mask=inside)
+        if head < H:
+            y = q_ptr + ((b * T + t) * H + head) * D + d
+        else:
+            y = k_ptr + ((b * T + t) * H + head - H) * D + d
+        tl.store(y, y1, mask=inside)
+        tl.store(y + D // 2, y2, mask=inside)
+
+    @triton.jit
+    def _norm_rope_kernel(x_ptr, q_ptr, k_ptr, rinv_ptr, cos_ptr, sin_ptr, T, sx_b, sx_t, sx_h, sc_t, eps,
+                          H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, EMULATE: tl.constexpr):
+        """Program (token block, batch), head by head: y = rotate(n), n = x * r rounded, r = rsqrt(mean(x^2) + eps);
+        heads below H are queries, the others keys. x's last dim is contiguous; q and k are contiguous, r is
+        batch x head x token."""
+        block, b = tl.program_id(0), tl.program_id(1)
+        t = block * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+        d = tl.arange(0, D // 2)[None, :]
+        inside = t < T
+        c, s = tl.load(cos_ptr + t * sc_t + d, mask=inside).to(tl.float32), tl.load(sin_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        for head in tl.range(0, 2 * H):
+            _norm_rope_head(x_ptr, q_ptr, k_ptr, rinv_ptr, c, s, t, d, inside, b, head, T, sx_b, sx_t, sx_h, eps, H, D, EMULATE)
+
+    @triton.jit
+    def _norm_rope_grad_head(gq_ptr, gk_ptr, q_ptr, k_ptr, rinv_ptr, dx_ptr, c, s, t, d, inside, b, head, T, sq_b, sq_t,
+                             sq_h, sk_b, sk_t, sk_h, H: tl.constexpr, D: tl.constexpr, EMULATE: tl.constexpr):
+        if head < H:
+            g = gq_ptr + b * sq_b + t * sq_t + head * sq_h + d
+            y = q_ptr + ((b * T + t) * H + head) * D + d
+        else:
+            g = gk_ptr + b * sk_b + t * sk_t + (head - H) * sk_h + d
+            y = k_ptr + ((b * T + t) * H + head - H) * D + d
+        g1, g2 = tl.load(g, mask=inside, other=0.0).to(tl.float32), tl.load(g + D // 2, mask=inside, other=0.0).to(tl.float32)
+        y1, y2 = tl.load(y, mask=inside, other=0.0).to(tl.float32), tl.load(y + D // 2, mask=inside, other=0.0).to(tl.float32)
+        n1, n2 = y1 * c - y2 * s, y1 * s + y2 * c
+        gn1, gn2 = g1 * c - g2 * s, g1 * s + g2 * c
+        mean = ((tl.sum(gn1 * n1, 1) + tl.sum(gn2 * n2, 1)) / D)[:, None]
+        r = tl.load(rinv_ptr + (b * 2 * H + head) * T + t, mask=inside, other=0.0)
+        dtype: tl.constexpr = dx_ptr.dtype.element_ty
+        dx = dx_ptr + ((b * T + t) * 2 * H + head) * D + d
+        tl.store(dx, _round_rne(r * (gn1 - n1 * mean), dtype, EMULATE), mask=inside)
+        tl.store(dx + D // 2, _round_rne(r * (gn2 - n2 * mean), dtype, EMULATE), mask=inside)
+
+    @triton.jit
+    def _norm_rope_grad_kernel(gq_ptr, gk_ptr, q_ptr, k_ptr, rinv_ptr, cos_ptr, sin_ptr, dx_ptr, T, sq_b, sq_t, sq_h,
+                               sk_b, sk_t, sk_h, sc_t, H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                               EMULATE: tl.constexpr):
+        """Program (token block, batch), head by head: dx = r * (g_n - n * mean(g_n * n)), n and g_n the output and
+        its gradient rotated back. The gradients' last dim is contiguous; q, k and dx are contiguous, r is
+        batch x head x token."""
+        block, b = tl.program_id(0), tl.program_id(1)
+        t = block * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+        d = tl.arange(0, D // 2)[None, :]
+        inside = t < T
+        c, s = tl.load(cos_ptr + t * sc_t + d, mask=inside).to(tl.float32), tl.load(sin_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        for head in tl.range(0, 2 * H):
+            _norm_rope_grad_head(gq_ptr, gk_ptr, q_ptr, k_ptr, rinv_ptr, dx_ptr, c, s, t, d, inside, b, head, T, sq_b, sq_t,
+                                 sq_h, sk_b, sk_t, sk_h, H, D, EMULATE)
+
+
+def norm_rope_kernel_ready(x_BTND: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Triton present, a power-of-two half head, and the tables' last dim contiguous."""
+    half = x_BTND.size(-1) // 2
+    return triton is not None and x_BTND.size(-1) == 2 * half and half & (half - 1) == 0 and cos.stride(-1) == sin.stride(-1) == 1
+
+
+def fused_norm_rope(qk_BTND: Tensor, cos: Tensor, sin: Tensor, block_t: int = NORM_ROPE_BLOCK_T,
+                    num_warps: int = NORM_ROPE_NUM_WARPS) -> tuple[Tensor, Tensor, Tensor]:
+    """norm_rope of the 2H heads as one Triton kernel: the queries, the keys and the inverse RMS.
+    On CPU it runs under TRITON_INTERPRET=1. The launch settings exist for bench/qk_norm_rope.py."""
+    B, T, N, D = qk_BTND.shape
+    x = qk_BTND if qk_BTND.stride(-1) == 1 else qk_BTND.contiguous()
+    q_BTHD, k_BTHD = (x.new_empty(B, T, N // 2, D) for _ in range(2))
+    rinv_BTN1 = torch.empty(B, N, T, 1, dtype=torch.float32, device=x.device).transpose(1, 2)  # each head's r together
+    _norm_rope_kernel[(triton.cdiv(T, block_t), B)](
+        x, q_BTHD, k_BTHD, rinv_BTN1, cos, sin, T, x.stride(0), x.stride(1), x.stride(2), cos.stride(1),
+        torch.finfo(torch.float32).eps, H=N // 2, D=D, BLOCK_T=block_t,
+        EMULATE=TRITON_INTERPRETED and x.dtype == torch.bfloat16, num_warps=num_warps,
+    )
+    return q_BTHD, k_BTHD, rinv_BTN1
+
+
+def fused_norm_rope_grad(grad_q: Tensor, grad_k: Tensor, q_BTHD: Tensor, k_BTHD: Tensor, rinv_BTN1: Tensor, cos: Tensor,
+                         sin: Tensor, block_t: int = NORM_ROPE_BLOCK_T, num_warps: int = NORM_ROPE_NUM_WARPS) -> Tensor:
+    """norm_rope_grad as one Triton kernel, from the queries' and the keys' gradients in any layout."""
+    B, T, H, D = q_BTHD.shape
+    gq, gk = (g if g.stride(-1) == 1 else g.contiguous() for g in (grad_q, grad_k))
+    dx_BTND = q_BTHD.new_empty(B, T, 2 * H, D)
+    _norm_rope_grad_kernel[(triton.cdiv(T, block_t), B)](
+        gq, gk, q_BTHD, k_BTHD, rinv_BTN1, cos, sin, dx_BTND, T, *gq.stride()[:3], *gk.stride()[:3], cos.stride(1),
+        H=H, D=D, BLOCK_T=block_t, EMULATE=TRITON_INTERPRETED and q_BTHD.dtype == torch.bfloat16, num_warps=num_warps,
+    )
+    return dx_BTND
+
+
 # The MLP's products with ReLU^2 (or its derivative) in the epilogue: a persistent matrix product whose tiles
 # come and go through tensor descriptors (TMA), so that a tile's epilogue overlaps the next tile's loads.
 # Tiles measured on one H100 at 65,536 x 768 x 3,072 (bench/mlp.py; bench/NOTES.md).
@@ -476,14 +614,6 @@ MLP_INTERPRETER_PROGRAMS = 4  # persistent programs under the Triton interpreter
 SM_COUNT: dict[int, int] = {}  # multiprocessors per CUDA device index, looked up once
 
 if triton is not None:
-
-    @triton.jit
-    def _round_rne(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
-        """x rounded to dtype, to nearest even: with EMULATE, by hand (the interpreter's bfloat16 cast truncates)."""
-        if EMULATE:
-            b = x.to(tl.uint32, bitcast=True)
-            x = (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-        return x.to(dtype)
 
     @triton.jit
     def _epilogue(h, y_desc, off_m, off_n, GRAD: tl.constexpr, EMULATE: tl.constexpr):
@@ -563,6 +693,77 @@ def tma_ready(*tensors: Tensor) -> bool:
     return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
 
+# Gram products of a batch of matrices, beta C + alpha X X^T with C symmetric (Newton-Schulz's X X^T and b A + c A A):
+# the result is symmetric, so a program computes a tile on or above the diagonal and also writes its mirror.
+GRAM_TILE = (128, 64)  # bfloat16 tile: rows (= columns), inner
+GRAM_NUM_WARPS, GRAM_NUM_STAGES = 8, 3  # warps per program; inner tiles loaded ahead
+GRAM_TILE_FP32 = (32, 32)  # float32 (tests): a bfloat16-sized tile overflows shared memory
+UPPER_TILES: dict[tuple[int, str], Tensor] = {}  # (row blocks, device): the (i, j) of the tiles with i <= j
+
+if triton is not None:
+
+    @triton.jit
+    def _gram_kernel(x_desc, c_desc, out_desc, tiles_ptr, R, K, alpha, beta, HAS_C: tl.constexpr, PRECISION: tl.constexpr,
+                     EMULATE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (tile i <= j, matrix b): out_ij = alpha X_i X_j^T (+ beta C_ij), stored at (i, j) and, transposed, at
+        (j, i). The matrices are stacked as rows of 2-D views; R is a multiple of BLOCK."""
+        tile, b = tl.program_id(0), tl.program_id(1)
+        i, j = tl.load(tiles_ptr + 2 * tile), tl.load(tiles_ptr + 2 * tile + 1)
+        row_i, row_j = b * R + i * BLOCK, b * R + j * BLOCK
+        acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+        for ki in range(tl.cdiv(K, BLOCK_K)):
+            xi, xj = x_desc.load([row_i, ki * BLOCK_K]), x_desc.load([row_j, ki * BLOCK_K])
+            if EMULATE:  # the interpreter's bfloat16 products are wrong; float32 ones of bfloat16 inputs are exact
+                xi, xj = xi.to(tl.float32), xj.to(tl.float32)
+            acc = tl.dot(xi, xj.T, acc, input_precision=PRECISION)
+        out = alpha * acc
+        if HAS_C:
+            out += beta * c_desc.load([row_i, j * BLOCK]).to(tl.float32)
+        out = _round_rne(out, out_desc.dtype, EMULATE)
+        out_desc.store([row_i, j * BLOCK], out)
+        if i != j:
+            out_desc.store([row_j, i * BLOCK], out.T)
+
+
+def gram_kernel_ready(X_nRK: Tensor, block: int) -> bool:
+    """Whole tiles per matrix (no tile may reach into the next one) and TMA-ready rows."""
+    return triton is not None and X_nRK.size(1) % block == 0 and X_nRK.is_contiguous() and tma_ready(X_nRK.flatten(0, 1))
+
+
+def fused_gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0,
+               tile: tuple[int, int] | None = None, num_warps: int = GRAM_NUM_WARPS, num_stages: int = GRAM_NUM_STAGES) -> Tensor:
+    """beta C + alpha X X^T for a batch of matrices X (n x R x K) and symmetric C, as one Triton kernel that
+    computes the tiles on and above the diagonal. On CPU it runs under TRITON_INTERPRET=1. `tile` and the
+    launch settings exist for bench/muon.py."""
+    n, R, K = X_nRK.shape
+    block, block_k = tile or (GRAM_TILE if X_nRK.dtype == torch.bfloat16 else GRAM_TILE_FP32)
+    key = (R // block, str(X_nRK.device))
+    if key not in UPPER_TILES:
+        UPPER_TILES[key] = torch.triu_indices(R // block, R // block).T.contiguous().to(device=X_nRK.device, dtype=torch.int32)
+    tiles = UPPER_TILES[key]
+    out_nRR = X_nRK.new_empty(n, R, R)
+    x_desc = TensorDescriptor.from_tensor(X_nRK.view(n * R, K), [block, block_k])
+    out_desc = TensorDescriptor.from_tensor(out_nRR.view(n * R, R), [block, block])
+    _gram_kernel[(tiles.size(0), n)](
+        x_desc, out_desc if C_nRR is None else TensorDescriptor.from_tensor(C_nRR.reshape(n * R, R), [block, block]), out_desc,
+        tiles, R, K, alpha, beta, HAS_C=C_nRR is not None,
+        PRECISION="ieee" if X_nRK.dtype == torch.float32 or TRITON_INTERPRETED else "tf32",
+        EMULATE=TRITON_INTERPRETED and X_nRK.dtype == torch.bfloat16, BLOCK=block, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out_nRR
+
+
+def gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
+    """beta C + alpha X X^T (C symmetric): the fused kernel on CUDA where it applies, else torch.baddbmm."""
+    block = GRAM_TILE[0] if X_nRK.dtype == torch.bfloat16 else GRAM_TILE_FP32[0]
+    if X_nRK.is_cuda and gram_kernel_ready(X_nRK, block):
+        return fused_gram(X_nRK, C_nRR, beta, alpha)
+    if C_nRR is None:
+        return torch.bmm(X_nRK, X_nRK.mT) if alpha == 1 else alpha * torch.bmm(X_nRK, X_nRK.mT)
+    return torch.baddbmm(C_nRR, X_nRK, X_nRK.mT, beta=beta, alpha=alpha)
+
+
 def chunked_output_loss(x_NC: Tensor, w_VC: Tensor, targets_N: Tensor, softcap: float, softcap_scale: float, chunk: int,
                         chunk_loss: Callable, grads: bool):
     """Mean cross-entropy of the output layer, `chunk` rows at a time, so that at most chunk x V logits
@@ -637,7 +838,7 @@ def plain_ops() -> Ops:
 def fast_ops(cfg: "Config") -> Ops:
     return plain_ops()._replace(
         rms_norm=KeptOutputRMSNorm.apply,
-        qk_norm_rope=KeptOutputNormRope.apply,
+        qk_norm_rope=FusedNormRope.apply,
         mlp=FusedMLP.apply,
         output_loss=functools.partial(fast_output_loss, chunk=cfg.loss_chunk),
     )
@@ -672,10 +873,11 @@ def check_fast_ops(cfg: "Config", device: torch.device) -> None:
         results = []
         for op in (fast_op, plain_op):
             leaves = [a.clone().requires_grad_() for a in args[: differentiable[name]]]
-            out = op(*leaves, *args[differentiable[name]:])
-            weights = torch.randn(out.shape, device=device, generator=torch.Generator(device=device).manual_seed(1))
-            (out * weights).sum().backward()
-            results.append([out.detach()] + [a.grad for a in leaves])
+            outs = op(*leaves, *args[differentiable[name]:])
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            weights = torch.Generator(device=device).manual_seed(1)
+            sum((out * torch.randn(out.shape, device=device, generator=weights)).sum() for out in outs).backward()
+            results.append([out.detach() for out in outs] + [a.grad for a in leaves])
         for got, want in zip(*results, strict=True):
             err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
             if not err < 1e-4:  # float32 rounding is ~1e-6; an edited op differs by O(1)
@@ -1002,9 +1204,10 @@ def newton_schulz(G_NRC: Tensor, steps: int) -> Tensor:
     X_nRC = X.reshape(-1, *X.shape[-2:])
     X_nRC = X_nRC / (X_nRC.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
     for _ in range(steps):
-        A_nRR = X_nRC @ X_nRC.mT
-        # b A + c A A and a X + B X inside the products (beta * input + alpha * product, one rounding each)
-        B_nRR = torch.baddbmm(A_nRR, A_nRR, A_nRR, beta=b, alpha=c)
+        A_nRR = gram(X_nRC)
+        # b A + c A A and a X + B X inside the products (beta * input + alpha * product, one rounding each);
+        # A is symmetric, so A A = A A^T, a gram product as X X^T is: both compute half their tiles on CUDA
+        B_nRR = gram(A_nRR, A_nRR, beta=b, alpha=c)
         X_nRC = torch.baddbmm(X_nRC, B_nRR, X_nRC, beta=a)
     X = X_nRC.view(X.shape)
     return X.mT if tall else X

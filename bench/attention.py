@@ -51,6 +51,22 @@ def median_ms(fn, reps: int) -> float:
     return float(np.median(times))
 
 
+def gpu_ms(fn, reps: int = 20) -> float:
+    """GPU time per call, the sum of its kernels' durations from the profiler. median_ms of a single short
+    kernel also times the host's launch (the start event runs while the host is still launching): a Triton
+    launch is 0.03-0.1 ms. After a profiler has run, the process's later launches are slower: time with
+    median_ms first."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in events) / 1000 / reps
+
+
 class VarlenAttention(torch.autograd.Function):
     """FlashAttention-2 over packed documents (aten's varlen kernels): causal, 1024-token window."""
 

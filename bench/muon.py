@@ -1,11 +1,14 @@
 """Muon's step on the M model's matrices, timed alone on one GPU: momentum, batched Newton-Schulz, update.
 
-    python bench/muon.py [--scripts train_gpt_M.py OTHER_M.py ...] [--steps 20]
+    python bench/muon.py [--scripts train_gpt_M.py OTHER_M.py ...] [--steps 20] [--gram]
 
 Random gradients (the same for every script), the model's parameters in bfloat16. For each script:
 the median time of one step (CUDA events, synchronised around it), the mean of `--steps` steps queued
 back to back (what a training step sees), Newton-Schulz alone on each batch shape, and the largest
-relative difference of the parameters after one step from the first script's.
+relative difference of the parameters after one step from the first script's. With --gram, then the
+Gram products of Newton-Schulz alone at the model's batch shapes, GPU time from the profiler: cuBLAS's full
+product against the last script's fused kernel (the tiles on and above the diagonal) for a few tiles, with
+TFLOP/s of the full product's FLOPs.
 """
 import argparse
 import os
@@ -15,14 +18,46 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import median_ms  # noqa: E402
+from attention import gpu_ms, median_ms  # noqa: E402
 from loss import load_script  # noqa: E402
+
+
+GRAM_SETTINGS = [(128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (64, 64, 4, 4)]  # rows, inner, warps, stages
+
+
+def gram_products(script, dev: torch.device) -> None:
+    gen = torch.Generator(device=dev).manual_seed(2)
+    b, c = script.NS_COEFFS[1:] if hasattr(script, "NS_COEFFS") else (-4.775, 2.0315)
+    for n, R, K in ((48, 768, 768), (24, 768, 3072), (24, 768, 768)):
+        X = (torch.randn(n, R, K, device=dev, generator=gen) / K**0.5).bfloat16()
+        A = torch.bmm(X, X.mT)
+        flops = 2 * n * R * R * K
+        for name, with_c in (("X X^T", False), ("b A + c X X^T", True)):
+            def cublas():
+                return torch.baddbmm(A, X, X.mT, beta=b, alpha=c) if with_c else torch.bmm(X, X.mT)
+            want = cublas()
+            ms = gpu_ms(cublas)
+            print(f"{n}x{R}x{K} {name:14s} cuBLAS                {ms:6.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s", flush=True)
+            for block, block_k, warps, stages in GRAM_SETTINGS:
+                def run():
+                    return script.fused_gram(X, A if with_c else None, b if with_c else 0.0, c if with_c else 1.0,
+                                             tile=(block, block_k), num_warps=warps, num_stages=stages)
+                try:
+                    got = run()
+                    ms = gpu_ms(run)
+                except Exception as e:  # a tile that does not fit in shared memory, say
+                    print(f"{n}x{R}x{K} {name:14s} fused {block}x{block_k} w{warps} s{stages}: {type(e).__name__} {str(e)[:80]}")
+                    continue
+                differ = (got != want).float().mean().item()
+                print(f"{n}x{R}x{K} {name:14s} fused {block:3d}x{block_k:3d} w{warps} s{stages} {ms:6.3f} ms "
+                      f"{flops / ms / 1e9:5.0f} TFLOP/s (of the full product's FLOPs), {differ:.1e} of elements differ", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scripts", nargs="+", default=["train_gpt_M.py"])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--gram", action="store_true", help="time the Gram products alone first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/muon.py needs a CUDA GPU (it times kernels at the model's full size)")
@@ -63,6 +98,8 @@ def main() -> None:
               f"update diff {diff:.1e}", flush=True)
         del model, muon, matrices, grads
         torch.cuda.empty_cache()
+    if args.gram:  # last: after a profiler has run, this process's launches are slower (Muon's step took 2x)
+        gram_products(load_script(args.scripts[-1], "gram_script"), dev)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = [  # first match wins: substrings of kernel names
     ("MLP products + ReLU^2 (fast ops)", ("_matmul_epilogue",)),
     ("loss kernel (fast ops)", ("_logit_loss_grad",)),
+    ("q/k norm + RoPE (fast ops)", ("_norm_rope",)),
     ("flex-attention", ("flex", "attention")),
     ("matmul (gemm)", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
-    ("Newton-Schulz/optimizer", ("adam", "foreach", "lerp")),
+    ("Newton-Schulz/optimizer", ("_gram", "adam", "foreach", "lerp")),
     ("fused elementwise (triton)", ("triton_",)),
     ("copies", ("copy", "memcpy", "memset", "fill")),
 ]

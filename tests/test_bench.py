@@ -161,7 +161,7 @@ def test_interaction_of_a_synthetic_two_by_two(tmp_path):
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("tool", ["mlp.py", "muon.py"])
+@pytest.mark.parametrize("tool", ["mlp.py", "muon.py", "qk_norm_rope.py"])
 def test_gpu_only_benchmarks_say_so_on_cpu(tool):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -45,7 +45,7 @@ def case_inputs(mod, name: str, dtype: torch.dtype) -> tuple[list, int]:
         return [(torch.randn(2, T, H * D) * scale).to(dtype)], 1
     if name == "qk_norm_rope":
         cos, sin = (t.to(dtype) for t in mod.rope_tables(T, D, float(torch.empty(()).uniform_(10, 5000))))
-        return [(torch.randn(1, T, H, D) * scale).to(dtype), cos, sin], 1
+        return [(torch.randn(1, T, 2 * H, D) * scale).to(dtype), cos, sin], 1  # queries and keys: 2H heads
     if name == "mlp":
         C = H * D
         x = (torch.randn(1, T, C) * scale).to(dtype)
@@ -83,15 +83,19 @@ def test_fast_op_matches_its_plain_op(script, name, dtype):
     results = []
     for op in (fast_op, plain_op):
         leaves = [a.clone().requires_grad_() for a in args[:differentiated]]
-        out = op(*leaves, *args[differentiated:])
+        outs = op(*leaves, *args[differentiated:])
+        outs = outs if isinstance(outs, tuple) else (outs,)
         # a scalar loss gets a power of two, as in training (1 / accumulation steps): the fast loss
         # scales its finished bfloat16 gradients by it, exactly only for powers of two
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)) if out.ndim else scale_of_loss
-        (out.float() * weight).sum().backward()
-        results.append((out, [leaf.grad for leaf in leaves]))
-    (fast_out, fast_grads), (plain_out, plain_grads) = results
-    assert fast_out.dtype == plain_out.dtype and fast_out.shape == plain_out.shape
-    assert relative_error(fast_out, plain_out) < TOLERANCE[dtype]
+        weights = torch.Generator().manual_seed(7)
+        sum((out.float() * (torch.randn(out.shape, generator=weights) if out.ndim else scale_of_loss)).sum()
+            for out in outs).backward()
+        results.append((outs, [leaf.grad for leaf in leaves]))
+    (fast_outs, fast_grads), (plain_outs, plain_grads) = results
+    assert len(fast_outs) == len(plain_outs)
+    for fast_out, plain_out in zip(fast_outs, plain_outs):
+        assert fast_out.dtype == plain_out.dtype and fast_out.shape == plain_out.shape
+        assert relative_error(fast_out, plain_out) < TOLERANCE[dtype]
     for got, want in zip(fast_grads, plain_grads, strict=True):
         assert got.dtype == want.dtype and torch.isfinite(got).all()
         assert relative_error(got, want) < TOLERANCE[dtype], (name, dtype, relative_error(got, want))
@@ -105,7 +109,8 @@ def test_fast_norms_and_mlp_forward_are_the_plain_ops_bit_for_bit(script, dtype)
     x = (torch.randn(2, 77, 4, 32) * 3).to(dtype)
     cos, sin = (t.to(dtype) for t in script.rope_tables(77, 32, 1024.0))
     assert torch.equal(fast.rms_norm(x), script.rms_norm(x))
-    assert torch.equal(fast.qk_norm_rope(x, cos, sin), script.qk_norm_rope(x, cos, sin))
+    for got, want in zip(fast.qk_norm_rope(x, cos, sin), script.qk_norm_rope(x, cos, sin), strict=True):
+        assert torch.equal(got, want)
     h = x.flatten(2)
     fc_w, proj_w = torch.randn(512, 128).to(dtype), torch.randn(128, 512).to(dtype)
     assert torch.equal(fast.mlp(h, fc_w, proj_w), script.mlp(h, fc_w, proj_w))
@@ -282,6 +287,75 @@ def test_fused_mlp_kernel_matches_its_pytorch_path(script, dtype, grad):
         want = script.matmul_relu_square(a, w_HK)
     assert got.dtype == dtype and got.shape == (N, H)
     assert relative_error(got, want) < KERNEL_MLP_RTOL[dtype]
+
+
+# qk_norm_rope's kernels against their PyTorch path (norm_rope and norm_rope_grad), under the Triton
+# interpreter, on random shapes whose tokens the block does and does not divide, the input a view with
+# other columns beside it and the queries' gradient heads-major as attention leaves it. Largest relative
+# differences (Frobenius) over 600 draws of each dtype (CPU, triton 3.9): float32 1.1e-7 (the output),
+# 9.0e-8 (the inverse RMS), 6.0e-8 (the input gradient); bfloat16 1.6e-4 (an output rounded to the
+# neighbouring bfloat16 now and then), 7.0e-8, 1.2e-4. Tolerances: about 5x those.
+KERNEL_NORM_ROPE_RTOL = {torch.float32: (6e-7, 5e-7, 3e-7), torch.bfloat16: (8e-4, 5e-7, 6e-4)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_rope_kernels_match_their_pytorch_path(script, dtype):
+    if script.triton is None:
+        pytest.skip("no triton")
+    B, T, H = int(torch.randint(1, 3, ()).item()), int(torch.randint(1, 80, ()).item()), int(torch.randint(1, 3, ()).item())
+    D = [16, 32, 64][int(torch.randint(0, 3, ()).item())]
+    qkv = (torch.randn(B, T, 3 * H * D) * float(torch.empty(()).uniform_(0.1, 10))).to(dtype)
+    x = qkv[..., : 2 * H * D].view(B, T, 2 * H, D)  # the q/k columns of a wider product, as a view
+    cos, sin = (t[:, :T].to(dtype) for t in script.rope_tables(T + 5, D, float(torch.empty(()).uniform_(10, 5000))))
+    q, k, rinv = script.fused_norm_rope(x, cos, sin)
+    y, want_rinv = script.norm_rope(x, cos, sin)
+    assert q.shape == k.shape == (B, T, H, D) and q.dtype == k.dtype == dtype and rinv.shape == (B, T, 2 * H, 1)
+    out_tol, rinv_tol, grad_tol = KERNEL_NORM_ROPE_RTOL[dtype]
+    assert relative_error(torch.cat((q, k), dim=2), y) < out_tol
+    assert relative_error(rinv, want_rinv) < rinv_tol
+    grad_q, grad_k = torch.randn(B, H, T, D).to(dtype).transpose(1, 2), torch.randn(B, T, H, D).to(dtype)
+    dx = script.fused_norm_rope_grad(grad_q, grad_k, q, k, rinv, cos, sin)
+    want = script.norm_rope_grad(torch.cat((grad_q, grad_k), dim=2), torch.cat((q, k), dim=2), rinv, cos, sin)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    assert relative_error(dx, want) < grad_tol
+
+
+# Newton-Schulz's Gram kernel against torch.bmm / torch.baddbmm in the same dtype, under the Triton interpreter,
+# on random batches of whole tiles; the difference (Frobenius) relative to |beta| |C| + |alpha| |X X^T|, which
+# cancellation between the two terms cannot shrink. Largest over 300 draws (CPU, triton 3.9): float32 1.8e-7
+# (X X^T) and 1.6e-7 (beta C + alpha X X^T); bfloat16 2.9e-4 and 5.2e-5 (a sum in another order rounds to the
+# neighbouring bfloat16 now and then). Tolerances: 5x the larger of each dtype, rounded up.
+KERNEL_GRAM_RTOL = {torch.float32: 1e-6, torch.bfloat16: 1.5e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_c", [False, True])
+def test_fused_gram_kernel_is_symmetric_and_matches_torch(script, dtype, with_c):
+    """beta C + alpha X X^T from the tiles on and above the diagonal: exactly symmetric, and torch's product."""
+    if script.triton is None:
+        pytest.skip("no triton with tensor descriptors")
+    tile = [(16, 16), (32, 16), (16, 32)][int(torch.randint(0, 3, ()).item())]
+    n, R, K = int(torch.randint(1, 4, ()).item()), tile[0] * int(torch.randint(1, 4, ()).item()), 8 * int(torch.randint(1, 12, ()).item())
+    X = (torch.randn(n, R, K) * float(torch.empty(()).uniform_(0.01, 2))).to(dtype)
+    beta, alpha = float(torch.empty(()).uniform_(-5, 5)), float(torch.empty(()).uniform_(-5, 5))
+    Y = torch.randn(n, R, K).to(dtype)
+    C = torch.bmm(Y, Y.mT)  # symmetric
+    gram = torch.bmm(X.double(), X.double().mT)
+    if with_c:
+        got, want = script.fused_gram(X, C, beta, alpha, tile=tile), torch.baddbmm(C, X, X.mT, beta=beta, alpha=alpha)
+        scale = abs(beta) * C.double().norm() + abs(alpha) * gram.norm()
+    else:
+        got, want, scale = script.fused_gram(X, tile=tile), torch.bmm(X, X.mT), gram.norm()
+    assert got.shape == (n, R, R) and got.dtype == dtype
+    assert torch.equal(got, got.mT)
+    assert ((got.double() - want.double()).norm() / scale).item() < KERNEL_GRAM_RTOL[dtype]
+
+
+def test_gram_kernel_takes_only_whole_tiles_per_matrix(script):
+    """A tile reaching into the next matrix of the batch would mix two matrices: those shapes go to torch."""
+    assert script.gram_kernel_ready(torch.empty(3, 256, 64, dtype=torch.bfloat16), 128) == (script.triton is not None)
+    assert not script.gram_kernel_ready(torch.empty(3, 200, 64, dtype=torch.bfloat16), 128)
+    assert not script.gram_kernel_ready(torch.empty(3, 64, 256, dtype=torch.bfloat16).mT, 128)
 
 
 def test_tensor_descriptor_rows_must_be_16_byte_multiples(script):
