@@ -487,7 +487,7 @@ def fused_logit_loss_grad(logits_nV: Tensor, targets_n: Tensor, softcap: float, 
 # qk_norm_rope's kernels: a program takes a block of NORM_ROPE_BLOCK_T tokens and goes through their 2H heads,
 # so that it loads the tables once; the head vector's two halves are two tiles, in float32 with the plain op's
 # roundings. q and k are two outputs, so that the backward takes attention's two gradients as they are.
-NORM_ROPE_BLOCK_T = 8  # tokens per program: with 2 warps, 16-byte loads and stores (bench/qk_norm_rope.py)
+NORM_ROPE_BLOCK_T = 8  # tokens per program: 4 to 32 all run at memory speed on an H100 (bench/qk_norm_rope.py)
 NORM_ROPE_NUM_WARPS = 2  # warps per program
 
 if triton is not None:
@@ -503,6 +503,7 @@ if triton is not None:
     @triton.jit
     def _norm_rope_head(x_ptr, q_ptr, k_ptr, rinv_ptr, c, s, t, d, inside, b, head, T, sx_b, sx_t, sx_h, eps,
                         H: tl.constexpr, D: tl.constexpr, EMULATE: tl.constexpr):
+        """One head of _norm_rope_kernel's token block."""
         x = x_ptr + b * sx_b + t * sx_t + head * sx_h + d
         x1, x2 = tl.load(x, mask=inside, other=0.0).to(tl.float32), tl.load(x + D // 2, mask=inside, other=0.0).to(tl.float32)
         r = tl.math.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)[:, None]
@@ -527,13 +528,15 @@ if triton is not None:
         t = block * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
         d = tl.arange(0, D // 2)[None, :]
         inside = t < T
-        c, s = tl.load(cos_ptr + t * sc_t + d, mask=inside).to(tl.float32), tl.load(sin_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        c = tl.load(cos_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        s = tl.load(sin_ptr + t * sc_t + d, mask=inside).to(tl.float32)
         for head in tl.range(0, 2 * H):
             _norm_rope_head(x_ptr, q_ptr, k_ptr, rinv_ptr, c, s, t, d, inside, b, head, T, sx_b, sx_t, sx_h, eps, H, D, EMULATE)
 
     @triton.jit
     def _norm_rope_grad_head(gq_ptr, gk_ptr, q_ptr, k_ptr, rinv_ptr, dx_ptr, c, s, t, d, inside, b, head, T, sq_b, sq_t,
                              sq_h, sk_b, sk_t, sk_h, H: tl.constexpr, D: tl.constexpr, EMULATE: tl.constexpr):
+        """One head of _norm_rope_grad_kernel's token block."""
         if head < H:
             g = gq_ptr + b * sq_b + t * sq_t + head * sq_h + d
             y = q_ptr + ((b * T + t) * H + head) * D + d
@@ -562,7 +565,8 @@ if triton is not None:
         t = block * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
         d = tl.arange(0, D // 2)[None, :]
         inside = t < T
-        c, s = tl.load(cos_ptr + t * sc_t + d, mask=inside).to(tl.float32), tl.load(sin_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        c = tl.load(cos_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        s = tl.load(sin_ptr + t * sc_t + d, mask=inside).to(tl.float32)
         for head in tl.range(0, 2 * H):
             _norm_rope_grad_head(gq_ptr, gk_ptr, q_ptr, k_ptr, rinv_ptr, dx_ptr, c, s, t, d, inside, b, head, T, sq_b, sq_t,
                                  sq_h, sk_b, sk_t, sk_h, H, D, EMULATE)
