@@ -758,14 +758,19 @@ def fused_gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, al
     return out_nRR
 
 
-def gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
-    """beta C + alpha X X^T (C symmetric): the fused kernel on CUDA where it applies, else torch.baddbmm."""
-    block = GRAM_TILE[0] if X_nRK.dtype == torch.bfloat16 else GRAM_TILE_FP32[0]
-    if X_nRK.is_cuda and gram_kernel_ready(X_nRK, block):
-        return fused_gram(X_nRK, C_nRR, beta, alpha)
+def plain_gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
+    """beta C + alpha X X^T as one PyTorch product, every tile."""
     if C_nRR is None:
         return torch.bmm(X_nRK, X_nRK.mT) if alpha == 1 else alpha * torch.bmm(X_nRK, X_nRK.mT)
     return torch.baddbmm(C_nRR, X_nRK, X_nRK.mT, beta=beta, alpha=alpha)
+
+
+def gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
+    """beta C + alpha X X^T (C symmetric): the fused kernel on CUDA where it applies, else plain_gram."""
+    block = GRAM_TILE[0] if X_nRK.dtype == torch.bfloat16 else GRAM_TILE_FP32[0]
+    if X_nRK.is_cuda and gram_kernel_ready(X_nRK, block):
+        return fused_gram(X_nRK, C_nRR, beta, alpha)
+    return plain_gram(X_nRK, C_nRR, beta, alpha)
 
 
 def chunked_output_loss(x_NC: Tensor, w_VC: Tensor, targets_N: Tensor, softcap: float, softcap_scale: float, chunk: int,
@@ -938,7 +943,7 @@ class Config:
     resume_changes: bool = False  # allow resuming with other batch, schedule or optimizer settings
     # run
     seed: int = 0  # initial weights; the data order is fixed by the files
-    fast_ops: bool = True  # the fast-ops section's drop-ins; false = the model section's plain ops only
+    fast_ops: bool = True  # the fast-ops section's drop-ins and kernels; false = plain PyTorch ops only
     loss_chunk: int = 8192  # tokens whose logits the fast output loss holds at once
     compile: bool = True  # torch.compile the model (CUDA only)
     activation_budget: float = 1.0  # fraction of the activations compile keeps for the backward; less = recompute more

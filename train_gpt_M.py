@@ -758,14 +758,19 @@ def fused_gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, al
     return out_nRR
 
 
-def gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
-    """beta C + alpha X X^T (C symmetric): the fused kernel on CUDA where it applies, else torch.baddbmm."""
-    block = GRAM_TILE[0] if X_nRK.dtype == torch.bfloat16 else GRAM_TILE_FP32[0]
-    if X_nRK.is_cuda and gram_kernel_ready(X_nRK, block):
-        return fused_gram(X_nRK, C_nRR, beta, alpha)
+def plain_gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
+    """beta C + alpha X X^T as one PyTorch product, every tile."""
     if C_nRR is None:
         return torch.bmm(X_nRK, X_nRK.mT) if alpha == 1 else alpha * torch.bmm(X_nRK, X_nRK.mT)
     return torch.baddbmm(C_nRR, X_nRK, X_nRK.mT, beta=beta, alpha=alpha)
+
+
+def gram(X_nRK: Tensor, C_nRR: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
+    """beta C + alpha X X^T (C symmetric): the fused kernel on CUDA where it applies, else plain_gram."""
+    block = GRAM_TILE[0] if X_nRK.dtype == torch.bfloat16 else GRAM_TILE_FP32[0]
+    if X_nRK.is_cuda and gram_kernel_ready(X_nRK, block):
+        return fused_gram(X_nRK, C_nRR, beta, alpha)
+    return plain_gram(X_nRK, C_nRR, beta, alpha)
 
 
 def chunked_output_loss(x_NC: Tensor, w_VC: Tensor, targets_N: Tensor, softcap: float, softcap_scale: float, chunk: int,
@@ -944,7 +949,7 @@ class Config:
     resume_changes: bool = False  # allow resuming with other batch, schedule or optimizer settings
     # run
     seed: int = 0  # initial weights; the data order is fixed by the files
-    fast_ops: bool = True  # the fast-ops section's drop-ins; false = the model section's plain ops only
+    fast_ops: bool = True  # the fast-ops section's drop-ins and kernels; false = plain PyTorch ops only
     loss_chunk: int = 8192  # tokens whose logits the fast output loss holds at once
     compile: bool = True  # torch.compile the model (CUDA only)
     activation_budget: float = 1.0  # fraction of the activations compile keeps for the backward; less = recompute more
@@ -1197,9 +1202,10 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz coefficients (a, 
 NS_EPS = 1e-7  # added to the Frobenius norm before dividing by it
 
 
-def newton_schulz(G_NRC: Tensor, steps: int) -> Tensor:
+def newton_schulz(G_NRC: Tensor, steps: int, gram_op: Callable = gram) -> Tensor:
     """Quintic Newton-Schulz iteration toward the nearest semi-orthogonal matrix, in bfloat16,
-    batched over the leading dim; tall matrices are iterated transposed (the smaller Gram)."""
+    batched over the leading dim; tall matrices are iterated transposed (the smaller Gram).
+    gram_op makes the symmetric products: the fast-ops section's gram, or plain_gram (--fast_ops=false)."""
     a, b, c = NS_COEFFS
     X = G_NRC.bfloat16()
     tall = X.size(-2) > X.size(-1)
@@ -1208,10 +1214,10 @@ def newton_schulz(G_NRC: Tensor, steps: int) -> Tensor:
     X_nRC = X.reshape(-1, *X.shape[-2:])
     X_nRC = X_nRC / (X_nRC.norm(dim=(-2, -1), keepdim=True) + NS_EPS)
     for _ in range(steps):
-        A_nRR = gram(X_nRC)
+        A_nRR = gram_op(X_nRC)
         # b A + c A A and a X + B X inside the products (beta * input + alpha * product, one rounding each);
         # A is symmetric, so A A = A A^T, a gram product as X X^T is: both compute half their tiles on CUDA
-        B_nRR = gram(A_nRR, A_nRR, beta=b, alpha=c)
+        B_nRR = gram_op(A_nRR, A_nRR, beta=b, alpha=c)
         X_nRC = torch.baddbmm(X_nRC, B_nRR, X_nRC, beta=a)
     X = X_nRC.view(X.shape)
     return X.mT if tall else X
@@ -1222,17 +1228,18 @@ class Muon(torch.optim.Optimizer):
     p -= lr * max(1, rows/cols)^0.5 * update. A 3-D weight is a stack of matrices, each
     orthogonalised alone. Same-shaped matrices form one batch, split across ranks and all-gathered."""
 
-    def __init__(self, params, lr: float, momentum: float, ns_steps: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int, rank: int = 0, world_size: int = 1,
+                 gram_op: Callable = gram):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.gram_op = rank, world_size, gram_op
 
     def orthogonalize(self, updates_NRC: Tensor, steps: int) -> Tensor:
         if self.world_size == 1:
-            return newton_schulz(updates_NRC, steps)
+            return newton_schulz(updates_NRC, steps, self.gram_op)
         n = updates_NRC.size(0)
         per_rank = -(-n // self.world_size)
         padded_NRC = torch.cat([updates_NRC, updates_NRC.new_zeros(per_rank * self.world_size - n, *updates_NRC.shape[1:])])
-        mine_NRC = newton_schulz(padded_NRC[self.rank * per_rank : (self.rank + 1) * per_rank], steps).contiguous()
+        mine_NRC = newton_schulz(padded_NRC[self.rank * per_rank : (self.rank + 1) * per_rank], steps, self.gram_op).contiguous()
         gathered = [torch.empty_like(mine_NRC) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine_NRC)
         return torch.cat(gathered)[:n]
@@ -1304,7 +1311,8 @@ def build_optimizers(cfg: Config, model: GPT, rank: int, world_size: int):
         weight_decay=0.0,
         fused=fused,
     )
-    muon = Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps, rank=rank, world_size=world_size)
+    muon = Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps, rank=rank, world_size=world_size,
+                gram_op=gram if cfg.fast_ops else plain_gram)
     optimizers: list[torch.optim.Optimizer] = [adam, muon]
     check_groups_cover_parameters(model, optimizers)
     for opt in optimizers:

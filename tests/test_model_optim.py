@@ -808,6 +808,15 @@ def test_muon_and_adam_groups_M(M):
         assert tuple(g["betas"]) == (0.8, 0.95) and g["eps"] == 1e-10 and g["weight_decay"] == 0
 
 
+@pytest.mark.parametrize("fast_ops", [True, False])
+def test_fast_ops_flag_chooses_muons_gram_products(M, fast_ops):
+    """--fast_ops=false reaches Newton-Schulz too: its symmetric products become plain PyTorch ones."""
+    cfg = tiny_config(M, fast_ops=fast_ops)
+    optimizers, _ = M.build_optimizers(cfg, M.GPT(cfg), 0, 1)
+    muon = next(o for o in optimizers if isinstance(o, M.Muon))
+    assert muon.gram_op is (M.gram if fast_ops else M.plain_gram)
+
+
 def test_scalar_parameters_go_to_adam_M(M):
     cfg = tiny_config(M)
     model = M.GPT(cfg)
