@@ -501,6 +501,17 @@ if triton is not None:
         return x.to(dtype)
 
     @triton.jit
+    def _token_block(cos_ptr, sin_ptr, T, sc_t, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """This program's tokens t (a column), the half head's dims d (a row), which tokens exist, and their
+        cos and sin in float32, loaded once for all the heads."""
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+        d = tl.arange(0, D // 2)[None, :]
+        inside = t < T
+        c = tl.load(cos_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        s = tl.load(sin_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        return t, d, inside, c, s
+
+    @triton.jit
     def _norm_rope_head(x_ptr, q_ptr, k_ptr, rinv_ptr, c, s, t, d, inside, b, head, T, sx_b, sx_t, sx_h, eps,
                         H: tl.constexpr, D: tl.constexpr, EMULATE: tl.constexpr):
         """One head of _norm_rope_kernel's token block."""
@@ -524,12 +535,8 @@ if triton is not None:
         """Program (token block, batch), head by head: y = rotate(n), n = x * r rounded, r = rsqrt(mean(x^2) + eps);
         heads below H are queries, the others keys. x's last dim is contiguous; q and k are contiguous, r is
         batch x head x token."""
-        block, b = tl.program_id(0), tl.program_id(1)
-        t = block * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-        d = tl.arange(0, D // 2)[None, :]
-        inside = t < T
-        c = tl.load(cos_ptr + t * sc_t + d, mask=inside).to(tl.float32)
-        s = tl.load(sin_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        b = tl.program_id(1)
+        t, d, inside, c, s = _token_block(cos_ptr, sin_ptr, T, sc_t, D, BLOCK_T)
         for head in tl.range(0, 2 * H):
             _norm_rope_head(x_ptr, q_ptr, k_ptr, rinv_ptr, c, s, t, d, inside, b, head, T, sx_b, sx_t, sx_h, eps, H, D, EMULATE)
 
@@ -561,12 +568,8 @@ if triton is not None:
         """Program (token block, batch), head by head: dx = r * (g_n - n * mean(g_n * n)), n and g_n the output and
         its gradient rotated back. The gradients' last dim is contiguous; q, k and dx are contiguous, r is
         batch x head x token."""
-        block, b = tl.program_id(0), tl.program_id(1)
-        t = block * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
-        d = tl.arange(0, D // 2)[None, :]
-        inside = t < T
-        c = tl.load(cos_ptr + t * sc_t + d, mask=inside).to(tl.float32)
-        s = tl.load(sin_ptr + t * sc_t + d, mask=inside).to(tl.float32)
+        b = tl.program_id(1)
+        t, d, inside, c, s = _token_block(cos_ptr, sin_ptr, T, sc_t, D, BLOCK_T)
         for head in tl.range(0, 2 * H):
             _norm_rope_grad_head(gq_ptr, gk_ptr, q_ptr, k_ptr, rinv_ptr, dx_ptr, c, s, t, d, inside, b, head, T, sq_b, sq_t,
                                  sq_h, sk_b, sk_t, sk_h, H, D, EMULATE)
