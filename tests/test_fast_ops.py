@@ -225,9 +225,12 @@ KERNEL_LOSS_RTOL, KERNEL_GRAD_RTOL = 1e-4, 5e-5
 
 @pytest.mark.parametrize("softcap", [0.0, 30.0, 100.0])  # plain, the fixed-shift soft-cap, a cap above its limit
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_loss_kernel_matches_logit_loss_grad(script, softcap, dtype):
+@pytest.mark.parametrize("whole_blocks", [False, True])  # any width, or only whole blocks (no partial last one)
+def test_fused_loss_kernel_matches_logit_loss_grad(script, softcap, dtype, whole_blocks):
     pytest.importorskip("triton")
     n, V = int(torch.randint(1, 5, ()).item()), int(torch.randint(1, 9000, ()).item())
+    if whole_blocks:
+        V = script.LOSS_BLOCK_V * int(torch.randint(1, 3, ()).item())
     logits = (torch.randn(n, V) * float(torch.empty(()).uniform_(0.5, 20))).to(dtype)
     logits[0, : min(3, V)] = 1e4 if softcap == 0 else 60.0  # far from the others: the running max must hold them
     targets = torch.randint(0, V, (n,))
