@@ -37,6 +37,11 @@ def load_script(path: str):
     return module
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative difference of two tensors (Frobenius norms, float32)."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def median_ms(fn, reps: int) -> float:
     for _ in range(3):
         fn()
@@ -98,7 +103,6 @@ def document_bounds(docs_T: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def time_varlen(script, cfg, docs, q, k, v, grad_out, reps: int, reference) -> None:
     cu, max_len = document_bounds(docs)
-    H, D = q.shape[1], q.shape[3]
     to_THD = lambda t: t[0].transpose(0, 1).contiguous()  # noqa: E731
     qv, kv, vv = (to_THD(t).requires_grad_() for t in (q, k, v))
     g_THD = to_THD(grad_out)

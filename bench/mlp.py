@@ -21,15 +21,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import median_ms  # noqa: E402
+from attention import median_ms, rel  # noqa: E402
 from loss import load_script  # noqa: E402
 
 TILES = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
 MORE_TILES = [(128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (256, 128, 32, 8, 4), (128, 256, 32, 8, 4), (128, 64, 64, 4, 4)]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main() -> None:

@@ -20,16 +20,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import gpu_ms  # noqa: E402
+from attention import gpu_ms, rel  # noqa: E402
 from loss import load_script  # noqa: E402
 
 
 SETTINGS = [(8, 2), (16, 4), (32, 8), (4, 1)]  # (tokens per program, warps): 8 elements, 16 bytes, a thread
 MORE_SETTINGS = [(8, 4), (4, 2), (16, 2), (64, 8)]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main() -> None:
