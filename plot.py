@@ -34,21 +34,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from runlog import (
-    TARGET_LOSS,
-    LogError,
-    Run,
-    add_foreign_log_options,
-    check_foreign_log_options,
-    group_sort_key,
-    load_runs,
-)
+from runlog import TARGET_LOSS, LogError, Run, add_log_options, check_log_options, group_sort_key, load_runs
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "reference" / "published_curves.csv"
 REFERENCE_BATCH_TOKENS = 524_288
 # The reference curves are drawn by default only if the longest run reaches this fraction of their tokens.
 REFERENCE_NEAR_FRACTION = 0.1
 BASELINE_COLORS = {"A": "tab:blue", "M": "tab:orange"}
+FORMATS = ("png", "pdf", "svg")  # the figure's file formats, by the output's ending
 VARIANT_COLORS = ["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
 LOSS_TICKS = [2.5, 2.8, 3.0, 3.2, 3.4, 3.6, 3.8, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0]
 
@@ -224,36 +217,38 @@ def curves_figure(
 
 
 def plot_runs(runs: Sequence[Run], out_path: str | Path, **options) -> Path:
-    """Draw curves_figure(runs, **options) into a PNG at `out_path` (parent folders created); returns the path."""
+    """Draw curves_figure(runs, **options) into `out_path`, PNG, PDF or SVG by its ending (parent folders
+    created); returns the path."""
     fig = curves_figure(runs, **options)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    fig.savefig(out, format=out.suffix.lower().lstrip(".") or "png")
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Plot validation loss curves from training logs.")
     parser.add_argument("logs", nargs="+", help="training log files")
-    parser.add_argument("-o", "--output", default="img/curves.png", help="output PNG (default img/curves.png)")
+    parser.add_argument("-o", "--output", default="img/curves.png",
+                        help=f"the figure: {', '.join(FORMATS)} by its ending (default img/curves.png)")
     reference = parser.add_mutually_exclusive_group()
     reference.add_argument("--reference", nargs="?", const=str(DEFAULT_REFERENCE), default=None, metavar="CSV",
                            help="draw reference curves (from CSV, default the published 8xH100 ones) even when no "
                                 "run comes near their token range; put it after the logs")
     reference.add_argument("--no-reference", action="store_true", help="leave the reference curves out")
-    parser.add_argument("--target", type=float, default=TARGET_LOSS, help="target val loss line (default 3.28)")
     parser.add_argument("--linear-y", action="store_true", help="linear instead of log scale on the loss axis")
     parser.add_argument("--ylim", nargs=2, type=float, metavar=("LO", "HI"), help="loss axis limits, e.g. 3.2 4.5")
     parser.add_argument("--title", help="figure title")
     parser.add_argument("--allow-incomplete", action="store_true",
                         help="also plot unfinished runs (no '=== end of run ===' or final val line)")
-    parser.add_argument("--strict", action="store_true",
-                        help="an unparsable log, or an unfinished one without --allow-incomplete, is an error (exit 1)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="accepted for old command lines: skipping such logs is now the default")
-    add_foreign_log_options(parser)
+    add_log_options(parser, "group label of modded-nanogpt logs (default modded-nanogpt:<file stem>)")
     args = parser.parse_args(argv)
-    check_foreign_log_options(parser, args)
+    check_log_options(parser, args)
+    if Path(args.output).suffix.lower().lstrip(".") not in FORMATS:
+        parser.error(f"-o {args.output}: the figure is written as {', '.join('.' + f for f in FORMATS)}, by its ending")
+    if args.ylim and not args.linear_y and min(args.ylim) <= 0:
+        parser.error(f"--ylim {args.ylim[0]:g} {args.ylim[1]:g}: the loss axis is logarithmic, its limits must be "
+                     "positive (or add --linear-y)")
     try:
         runs = load_runs(args.logs, strict=args.strict, allow_incomplete=args.allow_incomplete,
                          batch_tokens=args.batch_tokens, label=args.label)

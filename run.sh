@@ -17,9 +17,15 @@
 #   PYTHON        interpreter (default: python3, else python)
 #   NGPU          processes per node (default: the GPUs `nvidia-smi -L` lists)
 #   NNODES>1      multi-node: also NODE_RANK, RDZV_ENDPOINT (host:port), RDZV_ID (default speedrun)
-#   TORCH_SPEC    what pip installs when `import torch` fails
-#                 (default: torch==2.13.0 for tests and CPU runs, torch for GPU runs)
+#   TORCH_SPEC    what pip installs when `import torch` fails (default: the versions in requirements.txt)
+#   NO_MULTICAST=1  keep NVLink multicast (NVLink SHARP) off in NCCL, PyTorch and NVSHMEM, for machines whose
+#                 owners ask for it (shared hosts); off by default, since the gradient all-reduce of an
+#                 8-GPU NVSwitch node uses it
 #   RUN_SH_DRY=1  print the commands (prefixed by "+") instead of running them
+#
+# Ctrl-C or SIGTERM during a GPU run reaches the training processes alone (torchrun runs in a session of its
+# own): they stop at a step boundary, save a checkpoint when checkpoints are on, one of them prints the line
+# that says how to resume, and run.sh exits 130 or 143.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -30,17 +36,18 @@ if ! command -v "$PYTHON" >/dev/null 2>&1; then
     exit 1
 fi
 
-# Needed on the lent H100/H200 machines (NVLink multicast off), harmless elsewhere.
-export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
-export TORCH_SYMM_MEM_DISABLE_MULTICAST="${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}"
-export NVSHMEM_DISABLE_NVLS="${NVSHMEM_DISABLE_NVLS:-1}"
+# Variables run.sh sets for the run, shown by RUN_SH_DRY=1.
+LAUNCH_ENV=()
+if [[ "${NO_MULTICAST:-0}" == 1 ]]; then
+    LAUNCH_ENV+=(NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1)
+fi
 
 usage() {
     cat <<'EOF'
 usage: ./run.sh M|A [ARGS...]   train the Muon (M) or AdamW (A) baseline on all GPUs
                                 (no GPU: tiny preset on CPU on data/sample/)
        ./run.sh test            install test requirements and run the test suite
-environment: PYTHON, NGPU, NNODES/NODE_RANK/RDZV_ENDPOINT/RDZV_ID, TORCH_SPEC, RUN_SH_DRY=1
+environment: PYTHON, NGPU, NNODES/NODE_RANK/RDZV_ENDPOINT/RDZV_ID, TORCH_SPEC, NO_MULTICAST=1, RUN_SH_DRY=1
 EOF
 }
 
@@ -57,10 +64,33 @@ run() {
     if dry; then show "$@"; else "$@"; fi
 }
 
-# Replace this shell by the command (its exit code becomes ours), or print it under RUN_SH_DRY=1.
+# Replace this shell by the command with LAUNCH_ENV (its exit code becomes ours), or print it under RUN_SH_DRY=1.
 launch() {
-    if dry; then show "$@"; exit 0; fi
-    exec "$@"
+    if dry; then show env ${LAUNCH_ENV[@]+"${LAUNCH_ENV[@]}"} "$@"; exit 0; fi
+    exec env ${LAUNCH_ENV[@]+"${LAUNCH_ENV[@]}"} "$@"
+}
+
+# Run torchrun in a session of its own and pass Ctrl-C and SIGTERM to its training processes alone, which stop
+# at a step boundary and exit 0 (so torchrun reports no failure); exit with the signal's code, or torchrun's.
+launch_torchrun() {
+    LAUNCH_ENV+=(RUN_SH_LAUNCHED=1)
+    if dry; then show env "${LAUNCH_ENV[@]}" "$@"; exit 0; fi
+    local stopped=""
+    setsid env "${LAUNCH_ENV[@]}" "$@" &
+    local pid=$!
+    trap 'stopped=INT; pkill -INT -P "$pid" || true' INT
+    trap 'stopped=TERM; pkill -TERM -P "$pid" || true' TERM
+    local status=0
+    while true; do
+        wait "$pid" && status=0 || status=$?
+        if ! kill -0 "$pid" 2>/dev/null; then break; fi
+    done
+    trap - INT TERM
+    case "$stopped" in
+        INT) exit 130 ;;
+        TERM) exit 143 ;;
+    esac
+    exit "$status"
 }
 
 # Import names of requirements.txt that fail to import, space separated.
@@ -113,7 +143,7 @@ count_gpus() {
 # Fill FETCH_ARGS with the options of data/cached_fineweb10B.py that fetch only what the
 # training ARGS ($2...) read, for baseline $1; leave it empty when they read no FineWeb shard.
 fetch_args() {
-    local variant="$1" train=1 val=1 arg
+    local variant="$1" train=1 val=1 tiny=0 arg
     local -a sizes=()
     shift
     while [[ $# -gt 0 ]]; do
@@ -122,6 +152,10 @@ fetch_args() {
         case "$arg" in
             --train_files | --train_files=*) train=0 ;;
             --val_files | --val_files=*) val=0 ;;
+            --preset=tiny) tiny=1 ;;
+            --preset)
+                if [[ $# -gt 0 && "$1" == tiny ]]; then tiny=1; fi
+                ;;
             --num_iterations=* | --batch_tokens=*) sizes+=("$arg") ;;
             --num_iterations | --batch_tokens)
                 if [[ $# -gt 0 ]]; then sizes+=("$arg=$1"); fi
@@ -130,6 +164,9 @@ fetch_args() {
     done
     FETCH_ARGS=()
     if [[ "$train" == 0 && "$val" == 0 ]]; then
+        return
+    fi
+    if [[ "$tiny" == 1 ]]; then  # the preset trains on the embedded sample
         return
     fi
     FETCH_ARGS=(data/cached_fineweb10B.py --baseline "$variant")
@@ -164,9 +201,19 @@ train() {
         torchrun=("$PYTHON" -m torch.distributed.run)
     fi
     local nnodes="${NNODES:-1}"
-    if [[ "$nnodes" =~ ^[0-9]+$ && "$nnodes" -gt 1 ]]; then
-        : "${NODE_RANK:?run.sh: NNODES=$nnodes needs NODE_RANK (rank of this node, 0..NNODES-1)}"
-        : "${RDZV_ENDPOINT:?run.sh: NNODES=$nnodes needs RDZV_ENDPOINT (host:port of the rendezvous, e.g. node 0)}"
+    if ! [[ "$nnodes" =~ ^[0-9]+$ && "$nnodes" -ge 1 ]]; then
+        echo "run.sh: NNODES must be a number of nodes, not '$nnodes'" >&2
+        exit 2
+    fi
+    if [[ "$nnodes" -gt 1 ]]; then
+        if ! [[ "${NODE_RANK:-}" =~ ^[0-9]+$ && "${NODE_RANK:-}" -lt "$nnodes" ]]; then
+            echo "run.sh: NNODES=$nnodes needs NODE_RANK, the rank of this node (0..$((nnodes - 1))), not '${NODE_RANK:-}'" >&2
+            exit 2
+        fi
+        if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
+            echo "run.sh: NNODES=$nnodes needs RDZV_ENDPOINT, host:port of the rendezvous (node 0, say)" >&2
+            exit 2
+        fi
         torchrun+=(--nnodes="$nnodes" --node_rank="$NODE_RANK" --rdzv-backend=c10d
             --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-speedrun}")
     else
@@ -180,7 +227,7 @@ train() {
         echo "run.sh: --train_files and --val_files given: no FineWeb download" >&2
     fi
     echo "run.sh: $script on $ngpu GPU(s) per node, $nnodes node(s)" >&2
-    launch "${torchrun[@]}" --nproc_per_node="$ngpu" "$script" "$@"
+    launch_torchrun "${torchrun[@]}" --nproc_per_node="$ngpu" "$script" "$@"
 }
 
 case "${1:-}" in

@@ -39,6 +39,7 @@ validation line, step N/N.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -73,9 +74,14 @@ _TRAIN_RE = re.compile(
     r"step:(\d+)/(\d+)(?: train_loss:(\S+))?(?: lr_mult:(\S+))? train_time:(\d+(?:\.\d*)?)ms step_avg:\S+ms"
 )
 _STEP_FIELD_RE = re.compile(r"(\d+)/(\d+)")
-_TIME_FIELD_RE = re.compile(r"(\d+(?:\.\d*)?)ms")
+_TIME_FIELD_RE = re.compile(r"(\d+(?:\.\d*)?)(ms|s)")  # modded-nanogpt's optimization track writes seconds
+_INTERRUPTED_RE = re.compile(r"interrupted at step \d+ by \S+;.*")
+# Fields that say where outputs go and how to resume, not what is computed: a group of runs is every field but
+# these and the seed.
+OUTPUT_FIELDS = ("seed", "log_dir", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume",
+                 "resume_changes", "preset")
 _PEAK_RE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (\d+) MiB")
-_RESUMED_RE = re.compile(r"(.*\S)\s+step:(\d+)")
+_RESUMED_RE = re.compile(r"(.*\S)\s+step:(\d+)(?:\s+run:(\S+))?")
 _SMI_GPU_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|")
 
 
@@ -115,6 +121,7 @@ class Run:
     grad_accum_steps: int | None = None
     resumed_from: str | None = None
     resumed_step: int | None = None
+    resumed_run: str | None = None  # the run id of the log this one continues
     num_steps: int | None = None
     train: list[tuple[int, float]] = field(default_factory=list)
     val: list[tuple[int, float, float]] = field(default_factory=list)
@@ -127,6 +134,9 @@ class Run:
     complete: bool = False
     log_format: str = TRAIN_GPT_FORMAT
     batch_tokens_assumed: bool = False
+    interrupted: str | None = None  # the line of a run stopped by SIGINT or SIGTERM
+    fast_ops: str | None = None  # the log's "fast_ops:" line: which implementation each op had
+    group_key: tuple = ()  # runs with equal keys are one configuration: see group_key()
 
     @property
     def batch_tokens(self) -> int:
@@ -274,6 +284,8 @@ def _parse_train_gpt(path: Path, lines: list[str]) -> Run:
         date=header.get("date", ""),
         command=header.get("command", ""),
     )
+    run.group_key = (TRAIN_GPT_FORMAT, baseline, json.dumps({k: v for k, v in config.items() if k not in OUTPUT_FIELDS},
+                                                           sort_keys=True))
     i = _parse_environment(path, lines, i, run)
     _parse_training(path, lines, i, run)
     return run
@@ -288,7 +300,7 @@ def _parse_environment(path: Path, lines: list[str], i: int, run: Run) -> int:
             in_nvidia_smi = True
         elif not in_nvidia_smi and (kv := _split_key_value(line)) is not None:
             key, value = kv
-            if key in ("python", "torch", "cuda", "device"):
+            if key in ("python", "torch", "cuda", "device", "fast_ops"):
                 setattr(run, key, value)
             elif key in ("world_size", "grad_accum_steps"):
                 if not value.isdigit():
@@ -298,6 +310,7 @@ def _parse_environment(path: Path, lines: list[str], i: int, run: Run) -> int:
                 match = _RESUMED_RE.fullmatch(value)
                 run.resumed_from = match.group(1) if match else value
                 run.resumed_step = int(match.group(2)) if match else None
+                run.resumed_run = match.group(3) if match else None
         i += 1
     if i == len(lines):
         raise LogError(path, f"truncated log: no '{TRAINING_START}' line")
@@ -336,6 +349,8 @@ def _parse_training(path: Path, lines: list[str], i: int, run: Run) -> None:
             run.peak_reserved_mib = int(match.group(2))
         elif line.startswith("stopped:"):
             run.stopped = line[len("stopped:"):].strip()
+        elif _INTERRUPTED_RE.fullmatch(line):
+            run.interrupted = line
         elif line.startswith("step:") and lineno < len(lines):
             # The file's last line may be half-written by a killed run; anywhere else it is an error.
             raise LogError(path, f"malformed step line {line!r}", lineno)
@@ -355,6 +370,7 @@ def _parse_modded(path: Path, lines: list[str], batch_tokens: int | None, label:
         config={"batch_tokens": batch_tokens or DEFAULT_FOREIGN_BATCH_TOKENS},
         log_format=MODDED_FORMAT,
         batch_tokens_assumed=batch_tokens is None,
+        group_key=(MODDED_FORMAT, hashlib.sha1("\n".join(lines[: separators[0]]).encode()).hexdigest()),
     )
     gpus: list[str] = []
     for line in lines[separators[0] + 1:]:
@@ -392,7 +408,8 @@ def _add_modded_step(run: Run, line: str) -> None:
     time_match = _TIME_FIELD_RE.fullmatch(fields.get("train_time", ""))
     if not step_match or not time_match:
         return
-    step, time_ms = int(step_match.group(1)), float(time_match.group(1))
+    step = int(step_match.group(1))
+    time_ms = float(time_match.group(1)) * (1000.0 if time_match.group(2) == "s" else 1.0)
     try:
         val_loss = float(fields["val_loss"]) if "val_loss" in fields else None
         train_loss = float(fields["train_loss"]) if "train_loss" in fields else None
@@ -413,7 +430,9 @@ def last_step(run: Run) -> int | None:
 
 
 def progress(run: Run) -> str:
-    """"last step 123/2500", or "no step logged"."""
+    """"last step 123/2500", "interrupted at step ... (resume with ...)", or "no step logged"."""
+    if run.interrupted:
+        return run.interrupted
     step = last_step(run)
     if step is None:
         return "no step logged"
@@ -476,29 +495,84 @@ def load_runs(
     label: str | None = None,
     warn: Callable[[str], None] = _print_stderr,
 ) -> list[Run]:
-    """Parse several logs, leaving out the ones that cannot be used.
+    """Parse several logs into runs, each counted once, grouped by configuration (label_groups).
 
-    By default an unfinished log (not ended: the run was killed or is still running) is
-    reported through `warn` as "skipped unfinished log PATH (last step S/N)", and a log that
-    cannot be parsed (empty, foreign, broken) as "skipped PATH: problem"; both are left out.
-    strict=True raises LogError for either instead. allow_incomplete=True keeps unfinished
-    logs (ended=False). batch_tokens and label are passed to parse_log.
+    The same file given twice, a copy of a log (the same run id) and a run with its continuations (a log
+    resumed from its checkpoint, which carries the run before it) are one run; `warn` says what was merged.
+    Then an unfinished log (not ended: the run was killed or interrupted, or is still running) is reported as
+    "skipped unfinished log PATH (last step S/N)", and a log that cannot be parsed (empty, foreign, broken) as
+    "skipped PATH: problem"; both are left out. strict=True raises LogError for either instead.
+    allow_incomplete=True keeps unfinished logs (ended=False). batch_tokens and label are passed to parse_log.
     """
-    runs = []
+    parsed = []
     for path in paths:
-        if strict:
-            runs.append(parse_log(path, allow_incomplete=allow_incomplete, batch_tokens=batch_tokens, label=label))
-            continue
         try:
-            run = parse_log(path, allow_incomplete=True, batch_tokens=batch_tokens, label=label)
+            parsed.append(parse_log(path, allow_incomplete=True, batch_tokens=batch_tokens, label=label))
         except LogError as exc:
+            if strict:
+                raise
             warn(f"skipped {exc}")
-            continue
+    runs = []
+    for run in distinct_runs(parsed, warn):
         if not run.ended and not allow_incomplete:
-            warn(f"skipped unfinished log {path} ({progress(run)})")
+            if strict:
+                parse_log(run.path, batch_tokens=batch_tokens, label=label)  # raises, naming what is missing
+            warn(f"skipped unfinished log {run.path} ({progress(run)})")
             continue
         runs.append(run)
+    label_groups(runs, label)
     return runs
+
+
+def distinct_runs(runs: Sequence[Run], warn: Callable[[str], None] = _print_stderr) -> list[Run]:
+    """Each run once: a path given twice and a copy of a log (the same run id) are counted once, and a log that
+    another log continues (resumed from its checkpoint) is merged into that continuation, whose validation
+    points it lends where the continuation lacks them (logs from before continuations carried their past)."""
+    by_id: dict[str, Run] = {}
+    for run in runs:
+        if run.run_id in by_id:
+            first = by_id[run.run_id]
+            same = first.path.resolve() == run.path.resolve()
+            warn(f"counted once: {run.path} is " + ("given twice" if same else f"a copy of {first.path} (run id "
+                                                                             f"{run.run_id})"))
+            continue
+        by_id[run.run_id] = run
+    for run in list(by_id.values()):
+        parent = by_id.get(run.resumed_run or "")
+        if parent is None or parent is run:
+            continue
+        earlier = [point for point in parent.val if point[0] < (run.resumed_step or 0) and
+                   all(point[0] != own[0] for own in run.val)]
+        run.val = sorted(earlier + run.val)
+        del by_id[parent.run_id]
+        warn(f"merged {parent.path} into its continuation {run.path} (resumed at step {run.resumed_step})")
+    return list(by_id.values())
+
+
+def label_groups(runs: Sequence[Run], label: str | None = None) -> None:
+    """Set each run's group from its group_key: runs of one configuration (every field but the seed and where
+    outputs go; for modded-nanogpt logs, the same code) share a group. A baseline's only group is named as
+    before ("M", or "M (tied_embed=True)" for an architecture variant); several groups of one baseline are named
+    by the fields in which they differ ("M (muon_lr=0.1)"). modded-nanogpt groups take `label` when given."""
+    by_baseline: dict[str, dict[tuple, Run]] = {}
+    for run in runs:
+        by_baseline.setdefault(run.baseline, {}).setdefault(run.group_key, run)
+    names: dict[tuple, str] = {}
+    for baseline, groups in by_baseline.items():
+        if baseline == MODDED_FORMAT:
+            for n, (key, run) in enumerate(groups.items()):
+                base = label or f"{MODDED_FORMAT}:{run.path.stem}"
+                names[key] = base if len(groups) == 1 or not label else f"{base} ({n + 1})"
+            continue
+        configs = {key: json.loads(key[2]) for key in groups}
+        varying = {k for c in configs.values() for k in c if len({json.dumps(o.get(k)) for o in configs.values()}) > 1}
+        for key, config in configs.items():
+            arch = [k for k, v in ARCH_DEFAULTS[baseline].items() if k in config and not _same_value(config[k], v)]
+            shown = arch + sorted(varying - set(ARCH_DEFAULTS[baseline]))
+            named = ", ".join(f"{k}={_format_value(config.get(k))}" for k in shown)
+            names[key] = f"{baseline} ({named})" if named else baseline
+    for run in runs:
+        run.group = names[run.group_key]
 
 
 def _fmt_loss(name: str, value: float | None) -> str:
@@ -529,16 +603,29 @@ def summary_line(run: Run, target: float = TARGET_LOSS) -> str:
     return "  ".join(parts)
 
 
-def add_foreign_log_options(parser: argparse.ArgumentParser) -> None:
-    """--batch_tokens and --label, the two settings of logs without a config (modded-nanogpt)."""
+def add_log_options(parser: argparse.ArgumentParser, label_help: str | None = None) -> None:
+    """The options of every tool that reads logs: --strict, --target and the settings of logs without a config
+    (modded-nanogpt's): --batch_tokens, and --label unless the tool names its groups itself (label_help None)."""
+    parser.add_argument("--strict", action="store_true",
+                        help="an unfinished or unparsable log is an error (exit 1) instead of being skipped")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="accepted for old command lines: skipping such logs is now the default")
+    parser.add_argument("--target", type=finite_float, default=TARGET_LOSS, help="target val loss (default 3.28)")
     parser.add_argument("--batch_tokens", type=int, default=None, metavar="N",
                         help="tokens per step of modded-nanogpt logs, which do not record it "
                              f"(default {DEFAULT_FOREIGN_BATCH_TOKENS:,}, marked as assumed)")
-    parser.add_argument("--label", default=None,
-                        help="group label of modded-nanogpt logs (default modded-nanogpt:<file stem>)")
+    if label_help is not None:
+        parser.add_argument("--label", default=None, help=label_help)
 
 
-def check_foreign_log_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def check_log_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.batch_tokens is not None and args.batch_tokens <= 0:
         parser.error(f"--batch_tokens must be positive, got {args.batch_tokens}")
 
@@ -547,12 +634,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print a one-line summary of each training log "
                                                  "(train_gpt or modded-nanogpt format).")
     parser.add_argument("logs", nargs="+", help="training log files")
-    parser.add_argument("--target", type=float, default=TARGET_LOSS, help="target val loss (default 3.28)")
     parser.add_argument("--allow-incomplete", action="store_true",
                         help="accept logs that have not ended (no '=== end of run ===' or final val line)")
-    add_foreign_log_options(parser)
+    add_log_options(parser, "group label of modded-nanogpt logs (default modded-nanogpt:<file stem>)")
     args = parser.parse_args(argv)
-    check_foreign_log_options(parser, args)
+    check_log_options(parser, args)
     failed = 0
     for path in args.logs:
         try:

@@ -4,10 +4,13 @@ Usage:
 
     python stats.py LOG [LOG ...]
     python stats.py logs/*.txt --target 3.28
-    python stats.py logs/M_*.txt --against logs/M2_*.txt --seed 1
+    python stats.py logs/M_*.txt --label baseline --against logs/M2_*.txt --label idea --seed 1
 
-Without --against, runs are grouped as A, M, variants such as "M (tied_embed=True)", or
-modded-nanogpt:<file stem> (--label names those). For each group the table shows: number of
+Each run counts once (runlog.load_runs: a file given twice, a copy of a log and a run with its continuations
+are one run). Without --against, runs are grouped by configuration: every field but the seed and where outputs
+go ("A", "M", variants such as "M (tied_embed=True)" or, for groups of one baseline that differ, the fields in
+which they differ, "M (muon_lr=0.1)"), modded-nanogpt logs by their code (--label names those). For each group
+the table shows: number of
 runs; the step counts they were run for; how many finished (ended without a NaN stop and have
 a final val loss, the runs the loss statistics use); mean and sample std (ddof=1) of the final
 val loss; the p-value of a one-sided one-sample t-test (scipy.stats.ttest_1samp,
@@ -15,14 +18,17 @@ alternative="less") that the mean final loss is below the target; mean total tra
 the finished runs; how many runs reached the target; and their mean time to reach it,
 interpolated between validation points.
 
-With --against, the logs before it are the base group and the logs after it the new group;
-each uses its complete runs only (ended without a NaN stop, finite final val loss). Printed,
-as new - base:
+With --against, the logs before it are the base group and the logs after it the new group (a --label after
+either names that group); each uses its complete runs only (ended without a NaN stop, finite final val loss).
+A run on both sides is refused; groups that differ in steps, batch or validation get a warning that says how.
+Printed, as new - base:
   - final val loss: difference of means, 95% Welch t interval (Welch-Satterthwaite degrees of
     freedom) and the two-sided p-value of scipy.stats.ttest_ind(equal_var=False);
   - steps and time to the target (interpolated between validation points) when every run
     reaches it: difference of means with a 95% percentile bootstrap interval (10,000
     resamples of each group with replacement, seeded by --seed);
+  - total training time: difference of means with a 95% Welch interval (the speedrun's measure when
+    every run stops at a fixed step count);
   - the loss slope d(loss)/d(step) of the base runs near the target (least squares through
     the last 4 validation points up to the first one at or below the target, or the last 4
     where a run does not reach it, one intercept per run) and the loss difference converted to
@@ -50,8 +56,8 @@ from runlog import (
     TARGET_LOSS,
     LogError,
     Run,
-    add_foreign_log_options,
-    check_foreign_log_options,
+    add_log_options,
+    check_log_options,
     final_val_loss,
     group_sort_key,
     load_runs,
@@ -301,15 +307,37 @@ class Comparison:
     steps_reached: tuple[int, int]
     time_reached: tuple[int, int]
     slope: Slope | None
+    train_ms: Difference | None = None
+    mismatches: list[str] | None = None
+
+
+# what makes two groups' final losses and times measure different things
+COMPARED_FIELDS = {"num_iterations": "steps", "batch_tokens": "tokens per step", "val_tokens": "validation tokens",
+                   "val_files": "validation files"}
+
+
+def mismatches(base_runs: Sequence[Run], new_runs: Sequence[Run]) -> list[str]:
+    """How the two groups' runs differ in length, batch or validation, one line each."""
+    lines = []
+    for field_name, what in COMPARED_FIELDS.items():
+        values = [sorted({str(r.config.get(field_name, r.num_steps if field_name == "num_iterations" else "?"))
+                          for r in runs}) for runs in (base_runs, new_runs)]
+        if values[0] != values[1]:
+            lines.append(f"warning: the groups differ in {what} ({field_name}: base {', '.join(values[0])}; "
+                         f"new {', '.join(values[1])}); their losses and times are not like for like")
+    return lines
 
 
 def compare(base_runs: Sequence[Run], new_runs: Sequence[Run], target: float = TARGET_LOSS,
-            seed: int = 0) -> Comparison:
-    """Compare two groups of complete runs (see the module docstring). Raises ValueError if a
-    group is empty."""
+            seed: int = 0, names: tuple[str | None, str | None] = (None, None)) -> Comparison:
+    """Compare two groups of complete runs (see the module docstring); `names` overrides the groups' own.
+    Raises ValueError if a group is empty or a run is in both."""
     if not base_runs or not new_runs:
         raise ValueError("each group needs at least one complete run")
-    base_name, new_name = group_name(base_runs), group_name(new_runs)
+    if shared := {r.run_id for r in base_runs} & {r.run_id for r in new_runs}:
+        raise ValueError(f"run {sorted(shared)[0]} is on both sides of --against: a group cannot be compared "
+                         "with itself")
+    base_name, new_name = names[0] or group_name(base_runs), names[1] or group_name(new_runs)
     if base_name == new_name:
         base_name, new_name = f"base {base_name}", f"new {new_name}"
     loss = welch_difference([final_val_loss(r) for r in base_runs], [final_val_loss(r) for r in new_runs])
@@ -324,8 +352,10 @@ def compare(base_runs: Sequence[Run], new_runs: Sequence[Run], target: float = T
 
     steps, steps_reached = to_target(steps_to_target)
     time_ms, time_reached = to_target(time_to_target)
+    train_ms = welch_difference([total_train_time_ms(r) for r in base_runs], [total_train_time_ms(r) for r in new_runs])
     return Comparison(base_name, new_name, list(base_runs), list(new_runs), target, seed, loss, steps, time_ms,
-                      steps_reached, time_reached, loss_slope(base_runs, target))
+                      steps_reached, time_reached, loss_slope(base_runs, target), train_ms,
+                      mismatches(base_runs, new_runs))
 
 
 def _interval(d: Difference | None, spec: str, scale: float = 1.0) -> str:
@@ -340,6 +370,7 @@ def format_comparison(c: Comparison) -> str:
     lines = [
         f"base: {c.base_name} ({n_base} complete run{'s' if n_base != 1 else ''})",
         f"new:  {c.new_name} ({n_new} complete run{'s' if n_new != 1 else ''})",
+        *(c.mismatches or []),
         "",
     ]
     table = [["", "base mean", "new mean", "new - base", f"{CONFIDENCE:.0%} CI", "method"]]
@@ -359,6 +390,11 @@ def format_comparison(c: Comparison) -> str:
             table.append([label, f"{d.base_mean / scale:{spec}}", f"{d.new_mean / scale:{spec}}",
                           f"{d.diff / scale:+{spec}}", _interval(d, "+" + spec, scale),
                           d.note or bootstrap])
+    if c.train_ms is not None:
+        d = c.train_ms
+        method = f"Welch t (df {d.df:.1f}), p = {d.p:.2g}" if d.p is not None else d.note
+        table.append(["train time [s]", f"{d.base_mean / 1000:.2f}", f"{d.new_mean / 1000:.2f}",
+                      f"{d.diff / 1000:+.2f}", _interval(d, "+.2f", 1000.0), method])
     lines += _align(table, text_columns=(0, len(table[0]) - 1))
     lines.append("")
     lines += _slope_lines(c)
@@ -414,6 +450,13 @@ def _complete_or_report(runs: list[Run], side: str) -> list[Run]:
     return kept
 
 
+class GroupLabel(argparse.Action):
+    """--label names the group it follows: the base logs', or after --against the new ones'."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, "new_label" if namespace.against is not None else "label", values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Per-group statistics of training logs, or (with --against) a comparison of two groups.",
@@ -421,19 +464,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("logs", nargs="+", help="training log files (with --against: the base group)")
     parser.add_argument("--against", nargs="+", metavar="NEW_LOG",
-                        help="compare the logs before this option (base) with these (new); put it last")
-    parser.add_argument("--target", type=float, default=TARGET_LOSS, help="target val loss (default 3.28)")
+                        help="compare the logs before this option (base) with these (new)")
+    parser.add_argument("--label", action=GroupLabel, default=None,
+                        help="the name of the group whose logs it follows (with --against: after the new logs, the "
+                             "new group's); without --against, of modded-nanogpt logs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
-    parser.add_argument("--strict", action="store_true",
-                        help="an unfinished or unparsable log is an error (exit 1) instead of being skipped")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="accepted for old command lines: skipping such logs is now the default")
-    add_foreign_log_options(parser)
+    add_log_options(parser)
+    parser.set_defaults(new_label=None)
     args = parser.parse_args(argv)
-    check_foreign_log_options(parser, args)
-    options = dict(strict=args.strict, batch_tokens=args.batch_tokens, label=args.label)
+    check_log_options(parser, args)
+    options = dict(strict=args.strict, batch_tokens=args.batch_tokens)
     try:
-        runs = load_runs(args.logs, **options)
+        runs = load_runs(args.logs, **options, label=None if args.against else args.label)
         new_runs = load_runs(args.against, **options) if args.against else None
     except LogError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -449,7 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not group:
             print(f"error: no complete runs among the {side} logs", file=sys.stderr)
             return 1
-    print(format_comparison(compare(base, new, args.target, args.seed)))
+    try:
+        comparison = compare(base, new, args.target, args.seed, (args.label, args.new_label))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_comparison(comparison))
     return 0
 
 

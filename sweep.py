@@ -38,7 +38,10 @@ Output folder (--out):
                                      log, so one folder per run tells whose log is whose); the
                                      log then moves up to OUT, unless it does not parse (a killed
                                      or crashed run), then it stays here
-One folder holds one sweep: an OUT that already holds a sweep.json is refused.
+One folder holds one sweep: an OUT that holds another sweep's sweep.json is refused, and the same command
+again completes its own sweep (after Ctrl-C, say): the runs that finished are kept, the others run again.
+Every run's arguments go through its script's parse_config (scripts that define one) before anything
+starts, so that a field out of range is refused at once; --gpus on a machine without GPUs is refused.
 
 Exit code: 0 if every run succeeded, 1 if any failed (failures do not stop the other runs), 2 for
 bad input (refused before anything starts), 130 after Ctrl-C or SIGTERM (running runs are killed,
@@ -48,6 +51,7 @@ the manifest keeps what finished).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -128,6 +132,11 @@ def detect_gpus() -> list[str]:
     """The GPUs this process may use: CUDA_VISIBLE_DEVICES's entries if set, else `nvidia-smi -L`'s indices."""
     if "CUDA_VISIBLE_DEVICES" in os.environ:
         return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    return listed_gpus()
+
+
+def listed_gpus() -> list[str]:
+    """The indices of the GPUs `nvidia-smi -L` lists ([] without nvidia-smi)."""
     if shutil.which("nvidia-smi") is None:
         return []
     try:
@@ -135,6 +144,34 @@ def detect_gpus() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return re.findall(r"^GPU (\d+):", listing, flags=re.MULTILINE)
+
+
+def check_fields(specs: Sequence[Spec], seeds: Sequence[int], common: Sequence[str]) -> None:
+    """Every run's arguments through its script's own parse_config, before anything runs: a field out of range
+    in the last run of a sweep is refused now, not hours later. Scripts without parse_config are not imported."""
+    for spec in specs:
+        source = Path(spec.script).read_text(encoding="utf-8", errors="replace")
+        if "def parse_config(" not in source:
+            continue
+        module = _script_module(spec.script)
+        for seed in seeds:
+            try:
+                module.parse_config([*common, *spec.args, f"--seed={seed}"])
+            except module.ConfigError as exc:
+                raise SweepError(f"--run {spec.label!r} with --seed={seed}: {exc}".replace("\n", "; ")) from None
+
+
+def _script_module(path: str):
+    """A training script imported as a module (the scripts do nothing on import)."""
+    sys.path.insert(0, str(Path(path).resolve().parent))
+    try:
+        spec = importlib.util.spec_from_file_location(f"sweep_check_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # inspect (the scripts' help) finds the module's source through it
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.pop(0)
 
 
 def check_field_args(args: Sequence[str], where: str) -> None:
@@ -204,15 +241,42 @@ def plan(specs: Sequence[Spec], seeds: Sequence[int], common: Sequence[str], out
     return jobs
 
 
-def check_out(out: Path, jobs: Sequence[Job]) -> None:
-    if out.exists() and not out.is_dir():
-        raise SweepError(f"--out {out}: exists and is not a folder")
-    if (out / MANIFEST).exists():
-        raise SweepError(f"--out {out}: already holds a sweep ({out / MANIFEST}); give another --out")
+def check_out(out: Path, jobs: Sequence[Job], plan_key: dict[str, Any]) -> list[Job]:
+    """Refuse an --out that is a file, cannot be written, or holds another sweep. An --out that holds this same
+    sweep, interrupted or with failed runs, is completed: returns the jobs it already finished (marked ok)."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SweepError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise SweepError(f"--out {out}: {existing} cannot be written")
+    if not (out / MANIFEST).exists():
+        for job in jobs:
+            for path in (out / f"{job.name}.out", out / STAGING / job.name):
+                if path.exists():
+                    raise SweepError(f"--out {out}: {path} already exists; give another --out")
+        return []
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise SweepError(f"--out {out}: its {MANIFEST} cannot be read; give another --out") from None
+    if {k: manifest.get(k) for k in plan_key} != plan_key:
+        raise SweepError(f"--out {out}: already holds another sweep ({out / MANIFEST}); give another --out, or its "
+                         f"own command to complete it")
+    finished = {entry["name"]: entry for entry in manifest.get("runs", []) if entry.get("status") == "ok"
+                and entry.get("log") and (out / entry["log"]).is_file()}
+    done = []
     for job in jobs:
-        for path in (out / f"{job.name}.out", out / STAGING / job.name):
-            if path.exists():
-                raise SweepError(f"--out {out}: {path} already exists; give another --out")
+        if job.name in finished:
+            entry = finished[job.name]
+            job.status, job.exit_code, job.log = "ok", entry["exit_code"], out / entry["log"]
+            job.wall_s, job.final_val_loss, job.final_step = entry["wall_time_s"], entry["final_val_loss"], entry["final_step"]
+            job.device = None if entry["device"] == "cpu" else entry["CUDA_VISIBLE_DEVICES"]
+            done.append(job)
+        else:  # a run to do again: what its killed or failed try left goes
+            shutil.rmtree(out / STAGING / job.name, ignore_errors=True)
+    return done
 
 
 def child_env(device: str | None) -> dict[str, str]:
@@ -245,8 +309,9 @@ class Sweep:
         self.done = 0
 
     def run(self) -> bool:
-        """Run every job; returns False if interrupted (Ctrl-C or SIGTERM)."""
-        pending = deque(self.jobs)
+        """Run every job not yet done; returns False if interrupted (Ctrl-C or SIGTERM)."""
+        pending = deque(j for j in self.jobs if j.status == "pending")
+        self.done = len(self.jobs) - len(pending)
         self.write_manifest(interrupted=False)
         try:
             while pending or self.running:
@@ -485,7 +550,12 @@ def configure(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Spec], list
     out = args.out if args.out is not None else Path("logs") / f"sweep_{time.strftime('%Y%m%d-%H%M%S')}"
     args.out = out
     jobs = plan(specs, seeds, common, out)
-    check_out(out, jobs)
+    args.plan_key = {"configurations": [s.label for s in specs], "seeds": seeds, "common_args": common}
+    args.already_done = check_out(out, jobs, args.plan_key)
+    check_fields(specs, seeds, common)
+    if args.gpus is not None and not listed_gpus() and not os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
+        raise SweepError(f"--gpus {' '.join(args.gpus)}: this machine has no GPU (nvidia-smi lists none); run on the "
+                         "CPU with --cpu")
     gpus = detect_gpus() if args.gpus is None and not args.cpu else (args.gpus or [])
     devices: list[str | None] = list(gpus) if gpus else [None]
     args.common, args.seed_list = common, seeds
@@ -513,6 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     print(f"sweep: {len(jobs)} runs ({_count(len(specs), 'configuration')} x {_count(len(args.seed_list), 'seed')}), "
           f"{len(devices) * args.jobs_per_gpu} at a time on {', '.join(meta['devices'])}; output in {out}", flush=True)
+    if args.already_done:
+        print(f"completing the sweep in {out}: {len(args.already_done)} of {len(jobs)} runs already done", flush=True)
     sweep = Sweep(jobs, devices, args.jobs_per_gpu, out, meta, lambda line: print(line, flush=True))
 
     # SIGTERM (a scheduler, kill) stops the sweep as Ctrl-C does, and Ctrl-C does so even where the sweep

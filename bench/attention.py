@@ -10,15 +10,14 @@ and gradients from the first variant's. --varlen adds FlashAttention-2 (aten's v
 with the documents as separate sequences and the same causal 1024-token window.
 """
 import argparse
-import importlib.util
 import os
 import sys
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_script, median_ms  # noqa: E402
 from synthetic import synthetic_tokens  # noqa: E402
 
 VARIANTS = [  # (name, tile size of the BlockMask, kernel_options)
@@ -28,48 +27,6 @@ VARIANTS = [  # (name, tile size of the BlockMask, kernel_options)
     ("tile64 64x64 w4 s3", 64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64, "num_warps": 4, "num_stages": 3}),
     ("tile64 64x64 w8 s2", 64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2}),
 ]
-
-
-def load_script(path: str):
-    spec = importlib.util.spec_from_file_location("script", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative difference of two tensors (Frobenius norms, float32)."""
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
-
-
-def gpu_ms(fn, reps: int = 20) -> float:
-    """GPU time per call, the sum of its kernels' durations from the profiler. median_ms of a single short
-    kernel also times the host's launch (the start event runs while the host is still launching): a Triton
-    launch is 0.03-0.1 ms. After a profiler has run, the process's later launches are slower: time with
-    median_ms first."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.self_device_time_total for e in events) / 1000 / reps
 
 
 class VarlenAttention(torch.autograd.Function):

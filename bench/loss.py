@@ -5,36 +5,26 @@
 
 plain:     logits = (x @ w^T).float(), soft-cap, F.cross_entropy, the whole function compiled
            (what the first version of the scripts did: 65,536 x 50,304 float32 logits).
-chunk=K:   the script's fast output loss: K rows at a time, products in eager mode, each chunk's
+chunk=K:   fast_ops.py's output loss: K rows at a time, products in eager mode, each chunk's
            loss and gradient by the fused Triton kernel, gradients formed in the forward;
-compiled chunk=K: the same with the chunk's loss and gradient by the script's logit_loss_grad
-           under torch.compile instead of the kernel (the fast loss without triton).
---compare times the chunked variants of a second version of the script (e.g. the previous
-commit's, written out with `git show`) in the same process, on the same inputs.
+compiled chunk=K: the same with the chunk's loss and gradient by logit_loss_grad under torch.compile
+           instead of the kernel (the fast loss on a GPU without Triton).
+--compare times the chunked variants of a second version of the script (from another checkout, say
+`git worktree add /tmp/prev HEAD~1`, with the fast_ops.py beside it; or a version from before
+fast_ops.py, written out with `git show`) in the same process, on the same inputs.
 For each: forward+backward time (median), the memory it needs above its inputs, and the
 largest relative difference of loss and gradients from the first variant (plain unless --no_plain).
 """
 import argparse
-import importlib.util
 import os
-
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import median_ms  # noqa: E402
+from common import kernels_of, load_script, median_ms  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(path: str, name: str = "script"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # compiled code looks its functions up by module name
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -62,11 +52,9 @@ def main() -> None:
         return F.cross_entropy(logits, targets)
 
     def chunked(module, k, compiled=False):
-        if not hasattr(module, "fast_output_loss"):  # a version before the fast-ops section
-            chunk_loss = torch.compile(module.logit_loss, dynamic=False)
-            return lambda x, w: module.HeadLoss.apply(x, w, targets, cap, scale, k, chunk_loss)
-        chunk_loss = torch.compile(module.logit_loss_grad, dynamic=False) if compiled else None
-        return lambda x, w: module.fast_output_loss(x, w, targets, cap, scale, chunk=k, chunk_loss=chunk_loss)
+        ops = kernels_of(module)
+        chunk_loss = torch.compile(ops.logit_loss_grad, dynamic=False) if compiled else ops.fused_logit_loss_grad
+        return lambda x, w: ops.fast_output_loss(x, w, targets, cap, scale, chunk=k, chunk_loss=chunk_loss)
 
     variants = [] if args.no_plain else [("plain", torch.compile(plain, dynamic=False))]
     variants += [(f"chunk={k}", chunked(script, k)) for k in args.chunks]

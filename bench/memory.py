@@ -11,16 +11,20 @@ parameters, optimizer state, output layer and loss come on top). --plain measure
 section's plain ops (--fast_ops=false) instead of the fast ops.
 """
 import argparse
+import contextlib
 import operator
 import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 from torch._dynamo.backends.common import aot_autograd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from loss import load_script  # noqa: E402
+from common import load_script  # noqa: E402
+
+import fast_ops  # noqa: E402
 
 aten = torch.ops.aten
 VIEWS = {aten.view.default, aten.transpose.int, aten.select.int, aten.detach.default, aten.t.default,
@@ -28,13 +32,55 @@ VIEWS = {aten.view.default, aten.transpose.int, aten.select.int, aten.detach.def
          aten.slice.Tensor, aten.expand.default, aten.alias.default}
 
 
+def gpu_ops(module, cfg) -> dict:
+    """The script's ops as fast_ops.py chooses them for an H100, traced here on the CPU (see traceable_kernels)."""
+    plain = {**module.plain_ops()._asdict(), **module.optimizer_ops()}
+    choice = fast_ops.choose(list(plain), "cuda", (9, 0), True, True)
+    return {**plain, **fast_ops.drop_ins(choice, plain, cfg.loss_chunk)}
+
+
+def norm_rope_stand_in(qk_BTND, cos, sin, block_t=None):
+    x = qk_BTND.float()
+    rinv_BTN1 = torch.rsqrt(x.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+    x1, x2 = (x * rinv_BTN1).chunk(2, dim=-1)
+    y = torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(qk_BTND)
+    q_BTHD, k_BTHD = (t.contiguous() for t in y.chunk(2, dim=2))
+    return q_BTHD, k_BTHD, rinv_BTN1
+
+
+def norm_rope_grad_stand_in(grad_q, grad_k, q_BTHD, k_BTHD, rinv_BTN1, cos, sin, block_t=None):
+    return (torch.cat((grad_q, grad_k), dim=2) * rinv_BTN1 + torch.cat((q_BTHD, k_BTHD), dim=2)).type_as(q_BTHD)
+
+
+def matmul_epilogue_stand_in(a, b, y, b_kn, tile=None, num_warps=None, num_stages=None):
+    product = a @ (b if b_kn else b.T)
+    return F.relu(product).square() if y is None else (2 * y.float().sqrt() * product.float()).type_as(a)
+
+
+@contextlib.contextmanager
+def traceable_kernels():
+    """fast_ops.py's kernels run on a GPU or under Triton's interpreter, neither of which the compiler traces on
+    the CPU: for the trace they become PyTorch stand-ins with the same outputs. What the backward keeps is what the
+    drop-ins save for it, which stays as it is."""
+    stand_ins = {"fused_norm_rope": norm_rope_stand_in, "fused_norm_rope_grad": norm_rope_grad_stand_in,
+                 "fused_matmul_epilogue": matmul_epilogue_stand_in}
+    originals = {name: getattr(fast_ops, name) for name in stand_ins}
+    try:
+        for name, fn in stand_ins.items():
+            setattr(fast_ops, name, fn)
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(fast_ops, name, fn)
+
+
 def kept_tensors(module, num_layers: int, seq_len: int, model_dim: int, num_heads: int, fast_ops: bool = True) -> dict[str, torch.Tensor]:
     """The distinct non-input tensors (fake, shapes and dtypes only) that the compiled body of a
     bfloat16 `module.GPT` keeps for its backward, by graph node name."""
     torch._dynamo.reset()
     cfg = module.parse_config(["--preset=tiny", f"--model_dim={model_dim}", f"--num_heads={num_heads}",
-                               f"--num_layers={num_layers}", f"--seq_len={seq_len}", f"--fast_ops={fast_ops}"])
-    model = module.GPT(cfg).to(torch.bfloat16)
+                               f"--num_layers={num_layers}", f"--seq_len={seq_len}"])
+    model = module.GPT(cfg, gpu_ops(module, cfg) if fast_ops else None).to(torch.bfloat16)
     kept: dict[str, torch.Tensor] = {}
 
     def forward_compiler(gm, example_inputs):
@@ -55,7 +101,8 @@ def kept_tensors(module, num_layers: int, seq_len: int, model_dim: int, num_head
     tokens = torch.randint(0, cfg.eot_token, (seq_len,))
     tokens[torch.randint(0, seq_len, (max(seq_len // 64, 1),))] = cfg.eot_token
     cos, sin = model.rope_cos, model.rope_sin
-    torch.compile(model.body, backend=backend, dynamic=False)(tokens, cos, sin).float().sum().backward()
+    with traceable_kernels():
+        torch.compile(model.body, backend=backend, dynamic=False)(tokens, cos, sin).float().sum().backward()
     return kept
 
 

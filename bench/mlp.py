@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import median_ms, rel  # noqa: E402
-from loss import load_script  # noqa: E402
+from common import chosen_op, gpu_tool, kernels_of, load_script, median_ms, rel  # noqa: E402
 
 TILES = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
 MORE_TILES = [(128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (256, 128, 32, 8, 4), (128, 256, 32, 8, 4), (128, 64, 64, 4, 4)]
@@ -35,20 +34,16 @@ def main() -> None:
     parser.add_argument("--grid", action="store_true", help="more tiles")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/mlp.py needs a CUDA GPU (it times kernels at the model's full size)")
-    script = load_script(args.script)
-    cfg = script.Config()
+    script, cfg, dev, gen = gpu_tool("mlp.py", args.script)
+    kernels = kernels_of(script)
     T, C, H = cfg.seq_len, cfg.model_dim, cfg.mlp_ratio * cfg.model_dim
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
     x = F.rms_norm(torch.randn(T, C, device=dev, generator=gen), (C,)).bfloat16()
     fc_w = (torch.randn(H, C, device=dev, generator=gen) / C**0.5).bfloat16()
     proj_w = (torch.randn(C, H, device=dev, generator=gen) / H**0.5).bfloat16()
     g = (torch.randn(T, C, device=dev, generator=gen) * 1e-3).bfloat16()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, T={T} C={C} H={H}, bfloat16")
     flops = 2 * T * C * H
-    mine = (*script.MLP_TILE, script.MLP_NUM_WARPS, script.MLP_NUM_STAGES)
+    mine = (*kernels.MLP_TILE, kernels.MLP_NUM_WARPS, kernels.MLP_NUM_STAGES)
     tiles = [mine] + [t for t in TILES + (MORE_TILES if args.grid else []) if t != mine]
 
     up_ref = torch.compile(lambda a, w: F.relu(a @ w.T).square(), dynamic=False)
@@ -60,8 +55,9 @@ def main() -> None:
         print(f"{name:5s} cuBLAS + compiled elementwise    {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
         for bm, bn, bk, warps, stages in tiles:
             def run():
-                return script.fused_matmul_epilogue(*ref_args[:2], ref_args[2] if name == "down" else None, b_kn=name == "down",
-                                                    tile=(bm, bn, bk), num_warps=warps, num_stages=stages)
+                return kernels.fused_matmul_epilogue(*ref_args[:2], ref_args[2] if name == "down" else None,
+                                                     b_kn=name == "down", tile=(bm, bn, bk), num_warps=warps,
+                                                     num_stages=stages)
             try:
                 got = run()
                 ms = median_ms(run, args.reps)
@@ -73,15 +69,9 @@ def main() -> None:
                   f"{flops / ms / 1e9:6.0f} TFLOP/s  diff {rel(got, want):.1e}, "
                   f"{(got != want).float().mean().item():.1e} of elements differ", flush=True)
 
-    variants = [("plain mlp", script.plain_ops().mlp), ("fast mlp", script.fast_ops(cfg).mlp)]
+    variants = [("plain mlp", script.plain_ops().mlp), ("fast mlp", chosen_op(script, "mlp", dev))]
     if args.compare:
-        other = load_script(args.compare, "compared")
-        fast = other.fast_ops(other.Config())
-        if hasattr(fast, "mlp"):
-            variants.append((f"{args.compare} fast mlp", fast.mlp))
-        else:  # a version with ReLU^2 as its own op
-            variants.append((f"{args.compare} fast relu_square",
-                             lambda a, w1, w2: F.linear(fast.relu_square(F.linear(a, w1)), w2)))
+        variants.append((f"{args.compare} fast mlp", chosen_op(load_script(args.compare, "compared"), "mlp", dev)))
     reference = None
     for name, op in variants:
         fn = torch.compile(lambda a, w1, w2, op=op: op(a, w1, w2), dynamic=False)

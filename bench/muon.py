@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import gpu_ms, median_ms  # noqa: E402
-from loss import load_script  # noqa: E402
+from common import chosen_op, gpu_ms, kernels_of, load_script, median_ms  # noqa: E402
 
 
 GRAM_SETTINGS = [(128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2), (64, 64, 4, 4)]  # rows, inner, warps, stages
@@ -40,8 +39,9 @@ def gram_products(script, dev: torch.device) -> None:
             print(f"{n}x{R}x{K} {name:14s} cuBLAS                {ms:6.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s", flush=True)
             for block, block_k, warps, stages in GRAM_SETTINGS:
                 def run():
-                    return script.fused_gram(X, A if with_c else None, b if with_c else 0.0, c if with_c else 1.0,
-                                             tile=(block, block_k), num_warps=warps, num_stages=stages)
+                    return kernels_of(script).fused_gram(X, A if with_c else None, b if with_c else 0.0,
+                                                         c if with_c else 1.0, tile=(block, block_k), num_warps=warps,
+                                                         num_stages=stages)
                 try:
                     got = run()
                     ms = gpu_ms(run)
@@ -69,10 +69,11 @@ def main() -> None:
         cfg = script.Config()
         torch.manual_seed(0)
         model = script.GPT(cfg).to(device=dev, dtype=torch.bfloat16)
+        gram_op = chosen_op(script, "gram", dev)
         matrices = [p for p in model.blocks.parameters() if p.ndim >= 2]
         gen = torch.Generator(device=dev).manual_seed(1)
         grads = [torch.randn(p.shape, device=dev, generator=gen).bfloat16() * 1e-3 for p in matrices]
-        muon = script.Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps)
+        muon = script.Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps, gram_op=gram_op)
         for p, grad in zip(matrices, grads):
             p.grad = grad
         before = [p.detach().clone() for p in matrices]
@@ -93,7 +94,7 @@ def main() -> None:
         for shape in sorted({(min(p.shape[-2:]), max(p.shape[-2:])) for p in matrices}):
             count = sum(p.numel() // (shape[0] * shape[1]) for p in matrices if (min(p.shape[-2:]), max(p.shape[-2:])) == shape)
             G = torch.randn(count, *shape, device=dev, generator=gen).bfloat16()
-            ns.append(f"NS {count}x{shape[0]}x{shape[1]} {median_ms(lambda: script.newton_schulz(G, cfg.ns_steps), 20):.3f} ms")
+            ns.append(f"NS {count}x{shape[0]}x{shape[1]} {median_ms(lambda: script.newton_schulz(G, cfg.ns_steps, gram_op), 20):.3f} ms")
         print(f"{path:30s} step {single:6.3f} ms (synchronised), {queued:6.3f} ms (queued); {'; '.join(ns)}; "
               f"update diff {diff:.1e}", flush=True)
         del model, muon, matrices, grads

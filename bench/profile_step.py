@@ -11,7 +11,6 @@ the peaks of the forward and of the backward.
 The model, its compilation and the optimizers are the script's own (loaded as a module).
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -20,9 +19,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import load_script  # noqa: E402
 from synthetic import synthetic_tokens  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = [  # first match wins: substrings of kernel names
     ("MLP products + ReLU^2 (fast ops)", ("_matmul_epilogue",)),
     ("loss kernel (fast ops)", ("_logit_loss_grad",)),
@@ -33,15 +32,6 @@ KINDS = [  # first match wins: substrings of kernel names
     ("fused elementwise (triton)", ("triton_",)),
     ("copies", ("copy", "memcpy", "memset", "fill")),
 ]
-
-
-def load_script(baseline: str, path: str | None = None):
-    path = os.path.join(ROOT, path or f"train_gpt_{baseline}.py")
-    spec = importlib.util.spec_from_file_location(f"train_gpt_{baseline}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def documents(n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -59,12 +49,14 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     if not torch.cuda.is_available():
         sys.exit("profile_step.py needs a CUDA GPU")
-    script = load_script(args.baseline, args.script)
+    script = load_script(args.script or f"train_gpt_{args.baseline}.py", f"train_gpt_{args.baseline}")
     cfg = script.parse_config([f"--seq_len={args.seq_len}", f"--batch_tokens={args.seq_len}", *overrides])
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = script.GPT(cfg).to(device=device, dtype=torch.bfloat16)
-    optimizers, set_schedule = script.build_optimizers(cfg, model, 0, 1)
+    ops, ops_line = script.select_ops(cfg, device)
+    print(ops_line)
+    model = script.GPT(cfg, ops).to(device=device, dtype=torch.bfloat16)
+    optimizers, set_schedule = script.build_optimizers(cfg, model, ops, script.Dist(0, 0, 1, device))
     script.compile_model(cfg, model)
     compiled = model
     rng = np.random.default_rng(0)

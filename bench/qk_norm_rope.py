@@ -20,8 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import gpu_ms, rel  # noqa: E402
-from loss import load_script  # noqa: E402
+from common import chosen_op, gpu_ms, gpu_tool, kernels_of, load_script, rel  # noqa: E402
 
 
 SETTINGS = [(8, 2), (16, 4), (32, 8), (4, 1)]  # (tokens per program, warps): 8 elements, 16 bytes, a thread
@@ -36,36 +35,32 @@ def main() -> None:
     parser.add_argument("--grid", action="store_true", help="more launch settings")
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/qk_norm_rope.py needs a CUDA GPU (it times kernels at the model's full size)")
-    script = load_script(args.script)
-    cfg = script.Config()
+    script, cfg, dev, gen = gpu_tool("qk_norm_rope.py", args.script)
+    kernels = kernels_of(script)
     T, H, D = cfg.seq_len, cfg.num_heads, cfg.model_dim // cfg.num_heads
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
     qk = (torch.randn(1, T, 2 * H * D, device=dev, generator=gen) * 2).bfloat16().view(1, T, 2 * H, D)
     cos, sin = (t.to(dev).bfloat16() for t in script.rope_tables(T, D, cfg.rope_base))
     gq, gk = ((torch.randn(1, H, T, D, device=dev, generator=gen) * 1e-3).bfloat16().transpose(1, 2) for _ in range(2))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, T={T} heads=2x{H} D={D}, bfloat16")
 
     unit = T * 2 * H * D * 2  # bytes of one T x 2H x D bfloat16 tensor
-    mine = (script.NORM_ROPE_BLOCK_T, script.NORM_ROPE_NUM_WARPS)
+    mine = (kernels.NORM_ROPE_BLOCK_T, kernels.NORM_ROPE_NUM_WARPS)
     settings = [mine] + [s for s in SETTINGS + (MORE_SETTINGS if args.grid else []) if s != mine]
-    q, k, rinv = script.fused_norm_rope(qk, cos, sin)
+    q, k, rinv = kernels.fused_norm_rope(qk, cos, sin)
     for block_t, warps in settings:
         mark = "*" if (block_t, warps) == mine else " "
         for name, fn, moved in (
-            ("forward kernel", lambda: script.fused_norm_rope(qk, cos, sin, block_t, warps), 2 * unit),
-            ("backward kernel", lambda: script.fused_norm_rope_grad(gq, gk, q, k, rinv, cos, sin, block_t, warps), 3 * unit),
+            ("forward kernel", lambda: kernels.fused_norm_rope(qk, cos, sin, block_t, warps), 2 * unit),
+            ("backward kernel", lambda: kernels.fused_norm_rope_grad(gq, gk, q, k, rinv, cos, sin, block_t, warps),
+             3 * unit),
         ):
             ms = gpu_ms(fn, args.reps)
             print(f"{name:16s} {block_t:3d} tokens w{warps} {mark} {ms:7.3f} ms  {moved / ms / 1e6:6.0f} GB/s "
                   f"({moved / 1e6:.0f} MB at least)", flush=True)
 
-    variants = [("plain op", script.plain_ops().qk_norm_rope), ("fast op", script.fast_ops(cfg).qk_norm_rope)]
+    variants = [("plain op", script.plain_ops().qk_norm_rope), ("fast op", chosen_op(script, "qk_norm_rope", dev))]
     if args.compare:
-        other = load_script(args.compare, "compared")
-        op = other.fast_ops(other.Config()).qk_norm_rope
+        op = chosen_op(load_script(args.compare, "compared"), "qk_norm_rope", dev)
         variants.append((f"{args.compare} fast op", op if args.compare_pairs else
                          lambda x, c, s, op=op: tuple(op(h, c, s) for h in x.chunk(2, dim=2))))
     reference = None

@@ -40,7 +40,7 @@ from synthetic import EOT_TOKEN, write_synthetic  # noqa: E402
 
 H100_BF16_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16 datasheet peak, the MFU convention of llm.c and nanochat
 VOCAB_MULTIPLE = 128  # the scripts pad the output layer to a multiple of this
-TINY_ARGS = ["--preset=tiny"]
+TINY_ARGS = ["--preset=tiny", "--warmup_steps=0"]  # A's preset warms up longer than a short timing runs
 
 
 def mean_keys_per_query(tokens: np.ndarray, window: int) -> float:

@@ -181,6 +181,12 @@ def download(
     return paths
 
 
+def folder_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("names no folder")
+    return Path(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=f"Download FineWeb-10B GPT-2 shards from {REPO_ID}.")
     parser.add_argument(
@@ -197,8 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no_train", action="store_true", help="fetch no training shard (K = 0)")
     parser.add_argument("--no_val", action="store_true", help="fetch no validation shard")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", type=folder_path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
+    existing = next(p for p in (args.out.absolute(), *args.out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        parser.error(f"--out {args.out}: {existing} " + ("is a file, not a folder" if not existing.is_dir() else
+                                                       "cannot be written (read-only or no permission)"))
     sized = args.num_iterations is not None or args.batch_tokens is not None
     if sum((args.num_train is not None, sized, args.no_train)) > 1:
         parser.error("give at most one of K, --num_iterations/--batch_tokens and --no_train")

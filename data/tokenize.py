@@ -31,10 +31,12 @@ may run on from one shard into the next, as in the FineWeb shards.
 DIR must be empty or new: a folder that already holds files is refused (exit code 2), since the
 training scripts' `NAME_train_*.bin` glob would also take stale shards left there.
 `--overwrite` accepts it and replaces that NAME's shards (NAME_val_NNNNNN.bin,
-NAME_train_NNNNNN.bin); every other file stays, and a note lists them. The shards are
-written into a hidden folder DIR/.NAME.partial-XXXXXXXX and moved into DIR only once the
-whole input is tokenized; on any error (bad input line, nothing left for training,
-Ctrl-C) that folder is deleted and DIR is left as it was, old shards included.
+NAME_train_NNNNNN.bin), and removes the hidden partial folders a killed run of that NAME left;
+every other file stays, and a note lists them. The shards are written into a hidden folder
+DIR/.NAME.partial-XXXXXXXX and moved into DIR only once the whole input is tokenized; on any
+error (bad input line, nothing left for training, Ctrl-C, which stops within a second or two)
+that folder is deleted and DIR is left as it was, old shards included. A --out that is a file
+or cannot be written is refused (exit code 2) before anything is read.
 
 The GPT-2 files: from TIKTOKEN_CACHE_DIR when it is set, else from this repository's
 data/tokenizer/ (no network needed), else tiktoken downloads them.
@@ -205,6 +207,14 @@ def out_dir_entries(out: Path, name: str) -> tuple[list[Path], list[Path]]:
     return shards, [p for p in entries if p not in shards]
 
 
+def out_problem(out: Path) -> str | None:
+    """Why shards cannot be written into `out` (made if missing), or None."""
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    return None if os.access(existing, os.W_OK) else f"{existing} cannot be written (read-only or no permission)"
+
+
 def _listing(paths: list[Path]) -> str:
     return ", ".join(p.name for p in paths[:5]) + (", ..." if len(paths) > 5 else "")
 
@@ -231,6 +241,9 @@ def _iter_jsonl(path: Path, text_key: str) -> Iterator[str]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            if line.lstrip().startswith("[") and lineno == 1 or line.strip() == "[":
+                raise TokenizeError(f"{path}: a JSON array, not JSON Lines; give one object per line (for example "
+                                    f"jq -c '.[]' {path} > {path.with_suffix('.jsonl')})")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -302,7 +315,8 @@ def encode_documents(
         if batch:
             yield batch
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         pending: deque[Future] = deque()
         for batch in batches():
             pending.append(pool.submit(_encode_batch, encoder, eot, batch))
@@ -310,6 +324,8 @@ def encode_documents(
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
+    finally:  # on Ctrl-C or an error, the queued batches are dropped instead of encoded first
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ShardWriter:
@@ -384,6 +400,12 @@ def tokenize_files(
         raise UsageError(f"--name must be a plain file-name prefix, not {name!r}")
     files = list_input_files(inputs)
     out = Path(out_dir)
+    if problem := out_problem(out):
+        raise UsageError(f"--out {out}: {problem}")
+    stale = sorted(out.glob(f".{name}.partial-*")) if out.is_dir() else []
+    if overwrite:  # left by a run that was killed before it could clean up
+        for folder in stale:
+            shutil.rmtree(folder, ignore_errors=True)
     old, others = out_dir_entries(out, name)
     if (old or others) and not overwrite:
         raise UsageError(
@@ -455,6 +477,8 @@ def _write_shards(
             train.add(tokens)
         bar.update(len(tokens))
     val.flush()
+    if val.total == 0 and train is None:
+        raise TokenizeError("the input holds no text: every file is empty (or only white space)")
     if train is None or train.total == 0:
         raise TokenizeError(
             f"all {val.total:,} tokens ({n_val_docs} documents) went to the validation split and none are "
@@ -464,6 +488,12 @@ def _write_shards(
     return {"val": val.paths, "train": train.paths}
 
 
+def folder_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("names no folder")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Tokenize text (.txt / .jsonl) into GPT-2 token shards in the FineWeb .bin format.",
@@ -471,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(no network needed).",
     )
     parser.add_argument("inputs", nargs="+", help=".txt, .jsonl or .json files, or folders holding them")
-    parser.add_argument("--out", required=True, help="output folder, new or empty unless --overwrite")
+    parser.add_argument("--out", required=True, type=folder_name, help="output folder, new or empty unless --overwrite")
     parser.add_argument("--name", default="custom", help="shard name prefix (default: custom)")
     parser.add_argument(
         "--overwrite",
@@ -513,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TokenizeError as err:
         print(f"tokenize.py: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
+    except KeyboardInterrupt:
+        print(f"tokenize.py: interrupted; {args.out} is as it was", file=sys.stderr)
+        return 130
     for split in ("val", "train"):
         for path in shards[split]:
             count = (path.stat().st_size - HEADER_BYTES) // 2

@@ -4,12 +4,15 @@ small-vocabulary configuration most tests train with.
 The tiny preset keeps GPT-2's vocabulary (its output layer is 6.4M of its 6.5M parameters, and
 most of a CPU step). Where the vocabulary is not the property under test, tests train the tiny
 preset with SMALL_VOCAB tokens on shards they write themselves (`tiny_args`)."""
+import contextlib
 import importlib.util
+import io
 import os
+import runpy
 import sys
 
-# Triton kernels run on the CPU under Triton's interpreter, which triton.jit chooses when the scripts
-# define their kernels: so before any script is loaded
+# Triton kernels run on the CPU under Triton's interpreter, which triton.jit chooses when fast_ops.py
+# defines its kernels: so before it is imported
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # fast_ops.py and the tools, as the scripts find them beside themselves
 BASELINES = ("A", "M")
 SMALL_VOCAB = 512  # token ids 0..511, a multiple of the output layer's padding: no padded rows
 SMALL_EOT = SMALL_VOCAB - 1  # the end-of-text token of the small vocabulary
@@ -31,6 +35,36 @@ def load_script(baseline: str):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def gpu_ops(mod, cfg, capability: tuple[int, int] = (9, 0)) -> dict:
+    """Every op of `mod` as fast_ops.py chooses it for a GPU of this compute capability with Triton (an H100 by
+    default), to run on the CPU: the kernels under Triton's interpreter."""
+    import fast_ops
+
+    plain = {**mod.plain_ops()._asdict(), **mod.optimizer_ops()}
+    choice = fast_ops.choose(list(plain), "cuda", capability, True, True)
+    return {**plain, **fast_ops.drop_ins(choice, plain, cfg.loss_chunk)}
+
+
+def run_cli(script_path, argv: list, cwd=None) -> tuple[int, str, str]:
+    """The script's command line in this process: its `if __name__ == "__main__"` block through runpy, in
+    `cwd`. Returns the exit code, stdout and stderr; an exception the block does not turn into an exit code
+    (a traceback, on the command line) fails the test. Spares a Python start and a torch import per call."""
+    out, err, argv_before, cwd_before = io.StringIO(), io.StringIO(), sys.argv, os.getcwd()
+    sys.argv = [str(script_path), *map(str, argv)]
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(script_path), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv_before
+        os.chdir(cwd_before)
+    return code, out.getvalue(), err.getvalue()
 
 
 def write_shard(path, tokens, magic: int = 20240520, version: int = 1, count: int | None = None) -> None:
@@ -61,7 +95,7 @@ def write_learnable_shards(folder, train_tokens: int = 200_000, val_tokens: int 
 def tiny_args(train: str, val: str, log_dir, **fields) -> list[str]:
     """The tiny preset with the small vocabulary on the given shards, then `fields` as --name=value."""
     base = {"preset": "tiny", "vocab_size": SMALL_VOCAB, "eot_token": SMALL_EOT, "train_files": train, "val_files": val,
-            "log_dir": log_dir, **fields}
+            "log_dir": log_dir, "warmup_steps": 0, **fields}  # A's preset warms up for 10 steps, more than most tests run
     return [f"--{k}={v}" for k, v in base.items()]
 
 

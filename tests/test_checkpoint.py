@@ -7,6 +7,8 @@ temporary files are cleaned up and only the newest --keep_checkpoints are kept."
 import multiprocessing as mp
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HALF, ROOT, STEPS, load_script, tiny_args
+from conftest import HALF, ROOT, STEPS, load_script, run_cli, tiny_args
 
 # The mean loss of a step sums 8 micro-batch losses; 2 processes sum them in another order: a few
 # float32 roundings (eps 1.2e-7) of the same numbers.
@@ -34,7 +36,8 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_at(folder: Path, step: int) -> Path:
-    (path,) = folder.glob(f"*_step{step:06d}.pt")
+    """The checkpoint of `step` in the checkpoint folder of the only run that wrote one there."""
+    (path,) = folder.glob(f"*/step{step:06d}.pt")
     return path
 
 
@@ -93,33 +96,43 @@ def test_resume_matches_uninterrupted_run_exactly(trained, resumed):
         assert torch.equal(got[name], want[name]), name
 
 
-def test_resumed_log_names_checkpoint_and_continues_counters(resumed):
-    saved_ms = torch.load(resumed["saved"], weights_only=True)["train_ms"]
-    assert saved_ms > 0
+def step_lines(text: str) -> list[str]:
+    """The training section's step and validation lines, without their times."""
+    training = text.split("\n=== training ===\n")[1]
+    return [re.sub(r" train_time:.*", "", line) for line in training.splitlines() if line.startswith("step:")]
+
+
+def test_resumed_log_carries_the_run_before_it_and_continues_counters(trained, resumed):
+    """The resumed log holds the checkpointed run's lines up to the checkpoint, then its own: the same step
+    and validation lines as the uninterrupted run, training time counting on from the checkpoint's."""
+    saved = torch.load(resumed["saved"], weights_only=True)
+    assert saved["train_ms"] > 0
     text = Path(resumed["result"]["log_path"]).read_text()
     header, training = text.split("\n=== training ===\n")
-    assert f"\ngrad_accum_steps: 8\nresumed_from: {resumed['saved']} step:{HALF}\n" in header
+    parent = Path(trained["result"]["log_path"]).stem
+    assert f"\nresumed_from: {resumed['saved']} step:{HALF} run:{parent}\n" in header
     assert not re.search(r"^resume_change:", header, re.M)
-    lines = training.splitlines()
-    first = re.fullmatch(rf"step:{HALF}/{STEPS} val_loss:\S+ train_time:(\d+)ms step_avg:\S+", lines[0])
-    assert first and abs(int(first.group(1)) - saved_ms) < 5, lines[0]  # continues from the saved time
+    assert step_lines(text) == step_lines(Path(trained["result"]["log_path"]).read_text())
     times = [float(m.group(2)) for m in re.finditer(r"step:(\d+)/\d+ .*?train_time:(\d+)ms", training)]
-    steps = [int(m.group(1)) for m in re.finditer(r"step:(\d+)/\d+ ", training)]
-    assert steps == [HALF, *range(HALF + 1, STEPS + 1), STEPS]
-    assert times == sorted(times) and times[0] >= round(saved_ms)
-    assert lines[-2].startswith(f"step:{STEPS}/{STEPS} val_loss:") and lines[-1] == "=== end of run ==="
-    sys.path.insert(0, ROOT)
+    assert times == sorted(times)
+    lines, history = training.splitlines(), saved["history"]
+    assert lines[: len(history)] == history and history[-1].startswith(f"step:{HALF}/{STEPS} val_loss:")
+    own = re.fullmatch(rf"step:{HALF + 1}/{STEPS} train_loss:\S+ lr_mult:\S+ train_time:(\d+)ms .*", lines[len(history)])
+    assert own and int(own.group(1)) >= saved["train_ms"]  # continues from the saved time
+    assert training.splitlines()[-1] == "=== end of run ==="
     import runlog
 
     run = runlog.parse_log(resumed["result"]["log_path"])
     assert run.complete and run.resumed_from == str(resumed["saved"]) and run.resumed_step == HALF
+    assert run.resumed_run == parent
 
 
-def test_checkpoints_written_through_temporary_files(trained):
+def test_checkpoints_written_through_temporary_files_into_the_runs_folder(trained):
     ckpt = trained["tmp"] / "ckpt"
     saved = [str(checkpoint_at(ckpt, step)) for step in (HALF, STEPS)]
     assert trained["renames"] == [(path + ".tmp", path) for path in saved]
-    assert not list(ckpt.glob("*.tmp"))
+    assert {Path(path).parent.name for path in saved} == {Path(trained["result"]["log_path"]).stem}
+    assert not list(ckpt.glob("*/*.tmp"))
     first = torch.load(saved[0], weights_only=True)
     assert first["step"] == HALF and first["baseline"] == trained["baseline"]
     assert first["val_losses"] == {s: trained["result"]["val_losses"][s] for s in (0, HALF)}
@@ -143,26 +156,43 @@ def test_killed_write_leaves_previous_checkpoint_whole_and_next_save_removes_it(
         mod.main(args_for(trained, tmp_path, num_iterations=3, checkpoint_every=1, val_loss_every=0))
     monkeypatch.undo()
     first = checkpoint_at(tmp_path / "ckpt", 1)
-    assert saves[1].endswith("_step000002.pt.tmp")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted([first.name, Path(saves[1]).name])
+    assert saves[1] == str(first.parent / "step000002.pt.tmp")
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, Path(saves[1]).name])
     cfg = mod.parse_config(args_for(trained, tmp_path, num_iterations=3, checkpoint_every=1, val_loss_every=0))
     assert mod.load_checkpoint(str(first), cfg)["step"] == 1
     with pytest.raises(mod.CheckpointError, match="truncated or not a checkpoint"):
         mod.load_checkpoint(saves[1], cfg)
     mod.main(args_for(trained, tmp_path, num_iterations=3, checkpoint_every=1, val_loss_every=0, resume=first))
-    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+    assert not list((tmp_path / "ckpt").glob("*/*.tmp")) and first.exists()
 
 
 def test_keep_checkpoints_deletes_older_ones_of_the_run_only(trained, tmp_path):
     mod, ckpt = trained["mod"], tmp_path / "ckpt"
-    ckpt.mkdir()
-    other = ckpt / "M_20200101-000000_abcdef_step000001.pt"
+    other = ckpt / "M_20200101-000000_abcdef" / "step000001.pt"
+    other.parent.mkdir(parents=True)
     other.write_bytes(b"another run's")
     result = mod.main(args_for(trained, tmp_path, num_iterations=5, checkpoint_every=1, val_loss_every=0, keep_checkpoints=2))
     run_id = Path(result["log_path"]).stem
-    assert sorted(p.name for p in ckpt.iterdir()) == sorted([other.name, f"{run_id}_step000004.pt", f"{run_id}_step000005.pt"])
+    assert sorted(p.name for p in (ckpt / run_id).iterdir()) == ["step000004.pt", "step000005.pt"] and other.exists()
     training = Path(result["log_path"]).read_text().split("\n=== training ===\n")[1]
-    assert training.count("checkpoint deleted: ") == 3 and f"checkpoint deleted: {ckpt / run_id}_step000003.pt" in training
+    assert training.count("checkpoint deleted: ") == 3 and f"checkpoint deleted: {ckpt / run_id / 'step000003.pt'}" in training
+
+
+def test_resuming_never_deletes_the_checkpoint_resumed_from(trained, resumed, tmp_path):
+    """A checkpoint resumed from is a branch point: the resumed run keeps its own newest one in its own folder."""
+    before = sorted(resumed["saved"].parent.iterdir())
+    result = trained["mod"].main(args_for(trained, tmp_path, resume=resumed["saved"], checkpoint_every=1, keep_checkpoints=1))
+    assert sorted(resumed["saved"].parent.iterdir()) == before
+    assert [p.name for p in (tmp_path / "ckpt" / Path(result["log_path"]).stem).iterdir()] == [f"step{STEPS:06d}.pt"]
+
+
+def test_resuming_the_last_step_says_there_is_nothing_to_do(trained, tmp_path, monkeypatch):
+    last = checkpoint_at(trained["tmp"] / "ckpt", STEPS)
+    with pytest.raises(trained["mod"].NothingToDo, match="nothing to do.*--num_iterations=N --resume_changes=true"):
+        trained["mod"].main(args_for(trained, tmp_path, resume=last))
+    assert not (tmp_path / "logs").exists()
+    more = trained["mod"].main(args_for(trained, tmp_path, resume=last, num_iterations=STEPS + 2, resume_changes=True))
+    assert len(more["train_losses"]) == 2
 
 
 def test_resume_at_another_world_size_keeps_batch_and_data_order(trained, resumed, tmp_path):
@@ -254,15 +284,85 @@ def test_refuses_truncated_foreign_or_random_file(trained, resumed, tmp_path, mo
     for path, message in messages.items():
         assert str(path) in message and "weights_only" not in message and "unsafe" not in message.lower()
     assert "no such file" in refused(trained["mod"], monkeypatch, trained, tmp_path, tmp_path / "absent.pt")
+    message = refused(trained["mod"], monkeypatch, trained, tmp_path, resumed["saved"].parent)
+    assert "is a folder; give a checkpoint file in it, such as" in message
 
 
 def test_command_line_prints_refusal_without_traceback(trained, resumed, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(resumed["saved"].read_bytes()[:1000])
-    proc = subprocess.run(
-        [sys.executable, Path(ROOT) / f"train_gpt_{trained['baseline']}.py", *args_for(trained, tmp_path, resume=truncated)],
-        check=False, capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.startswith(f"error: {truncated}: truncated or not a checkpoint") and "Traceback" not in proc.stderr
+    code, _, err = run_cli(Path(ROOT) / f"train_gpt_{trained['baseline']}.py", args_for(trained, tmp_path, resume=truncated))
+    assert code == 2 and err.startswith(f"error: {truncated}: truncated or not a checkpoint")
     assert not (tmp_path / "logs").exists()
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_resuming_gives_the_same_run(trained, tmp_path):
+    """SIGTERM (a cluster's pre-emption) mid-run: the run saves at the next step boundary, its log ends with the
+    line that says how to resume, and the resumed run computes what the uninterrupted run computed."""
+    mod = trained["mod"]
+    real_next_step, calls = mod.TrainLoader.next_step, []
+
+    def next_step(self):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next_step(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mod.TrainLoader, "next_step", next_step)
+        with pytest.raises(mod.Stopped) as stopped:
+            mod.main(args_for(trained, tmp_path / "cut", checkpoint_every=HALF))
+    assert stopped.value.exit_code == 143 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    (saved,) = (tmp_path / "cut" / "ckpt").glob("*/step*.pt")
+    step = int(saved.stem[4:])
+    assert str(stopped.value) == f"interrupted at step {step} by SIGTERM; resume with --resume={saved}"
+    (log,) = (tmp_path / "cut" / "logs").iterdir()
+    assert log.read_text().splitlines()[-1] == str(stopped.value) and 3 <= step < HALF
+    again = mod.main(args_for(trained, tmp_path / "again", resume=saved))
+    assert again["train_losses"] == trained["result"]["train_losses"][step:]
+    assert again["val_losses"] == trained["result"]["val_losses"]
+
+
+def test_ctrl_c_on_the_command_line_prints_one_line_and_exits_130(trained, tmp_path):
+    """Ctrl-C (SIGINT) at the command line: no traceback, one line on stderr naming the checkpoint, exit 130
+    (a real process, once: the twins share the code)."""
+    if trained["baseline"] != "M":
+        pytest.skip("M's run shows it")
+    args = args_for(trained, tmp_path, num_iterations=190, checkpoint_every=1000, val_loss_every=0)
+    proc = subprocess.Popen([sys.executable, "-u", Path(ROOT) / f"train_gpt_{trained['baseline']}.py", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("step:2/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    (saved,) = (tmp_path / "ckpt").glob("*/step*.pt")
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip() == f"interrupted at step {int(saved.stem[4:])} by SIGINT; resume with --resume={saved}"
+    assert out.rstrip().splitlines()[-1].startswith("log: ")
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_earlier_ones(trained, tmp_path, monkeypatch):
+    """A full disk part-way through a save: one line naming the cause (not torch's 'unexpected pos'), in the log
+    too; the temporary file removed, the earlier checkpoint whole."""
+    mod, real_save, saves = trained["mod"], torch.save, []
+
+    def save_then_fill_the_disk(obj, f):
+        saves.append(f.name)
+        if len(saves) == 2:
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1472 vs 1366")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * 2**30, 10 * 2**30, 0))
+    with pytest.raises(mod.Stopped) as stopped:
+        mod.main(args_for(trained, tmp_path, num_iterations=3, checkpoint_every=1, val_loss_every=0))
+    first = checkpoint_at(tmp_path / "ckpt", 1)
+    message = f"checkpoint {first.parent / 'step000002.pt'} could not be written: the disk is full (0 MiB free)"
+    assert str(stopped.value).startswith(message) and "unexpected pos" not in str(stopped.value)
+    assert stopped.value.exit_code == 1 and [p.name for p in first.parent.iterdir()] == ["step000001.pt"]
+    (log,) = (tmp_path / "logs").iterdir()
+    assert log.read_text().endswith(f"stopped: {stopped.value}\n=== end of run ===\n")
+    monkeypatch.undo()
+    assert torch.load(first, weights_only=True)["step"] == 1

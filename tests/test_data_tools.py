@@ -582,14 +582,14 @@ def test_tokenize_script_help_despite_stdlib_name():
 
 
 def test_tokenize_script_traceback_still_works(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("x")
+    """An error nobody foresaw (a folder name too long for the file system) prints its traceback: the script's
+    folder does not shadow the standard library's tokenize, which tracebacks read source lines through."""
     src = tmp_path / "in.txt"
     src.write_text("hello")
-    proc = run_tokenize_script([str(src), "--out", str(blocker / "sub")])
+    proc = run_tokenize_script([str(src), "--out", str(tmp_path / ("x" * 300))])
     assert proc.returncode == 1
     assert "Traceback (most recent call last)" in proc.stderr
-    assert re.search(r"(NotADirectoryError|FileExistsError)", proc.stderr), proc.stderr
+    assert re.search(r"OSError: \[Errno 36\] File name too long", proc.stderr), proc.stderr
     assert 'tokenize.py", line' in proc.stderr
     assert "circular import" not in proc.stderr and "AttributeError" not in proc.stderr
 
@@ -743,8 +743,18 @@ def test_run_sh_file():
     assert os.access(RUN_SH, os.X_OK)
     text = RUN_SH.read_text()
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
-    for var in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        assert f"export {var}=" in text
+
+
+MULTICAST_OFF = "NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1"
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_run_sh_turns_nvlink_multicast_off_only_when_asked(opted_in, fake_nvidia_smi, tmp_path):
+    """An 8-GPU NVSwitch node uses NVLink SHARP for the gradient all-reduce: run.sh leaves it on unless
+    NO_MULTICAST=1 asks (a shared host's owners may)."""
+    env = {"RUN_SH_DRY": "1", "PYTHON": stub_python(tmp_path), **({"NO_MULTICAST": "1"} if opted_in else {})}
+    launch = run_sh(["M", "--train_files=t", "--val_files=v"], path=fake_nvidia_smi, **env).stdout.splitlines()[-1]
+    assert (MULTICAST_OFF in launch) == opted_in and "torch.distributed.run" in launch or "torchrun" in launch
 
 
 @pytest.mark.parametrize("args", [[], ["B"], ["tests"], ["--frobnicate"]])
@@ -784,6 +794,26 @@ def test_run_sh_gpu_standalone(fake_nvidia_smi):
     assert lines[-1].endswith("--standalone --nproc_per_node=2 train_gpt_A.py --x=2")
 
 
+def test_run_sh_tiny_preset_never_fetches_fineweb(fake_nvidia_smi, tmp_path):
+    for args in (["--preset=tiny"], ["--preset", "tiny", "--seed=2"]):
+        proc = run_sh(["M", *args], path=fake_nvidia_smi, RUN_SH_DRY="1", NGPU="2", PYTHON=stub_python(tmp_path))
+        assert proc.returncode == 0 and "cached_fineweb10B" not in proc.stdout, proc.stdout
+        assert proc.stdout.splitlines()[-1].endswith("--nproc_per_node=2 train_gpt_M.py " + " ".join(args))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NNODES": "two"}, "NNODES must be a number of nodes, not 'two'"),
+    ({"NNODES": "2", "RDZV_ENDPOINT": "n0:29500"}, "NNODES=2 needs NODE_RANK, the rank of this node (0..1), not ''"),
+    ({"NNODES": "2", "NODE_RANK": "2", "RDZV_ENDPOINT": "n0:29500"},
+     "NNODES=2 needs NODE_RANK, the rank of this node (0..1), not '2'"),
+    ({"NNODES": "2", "NODE_RANK": "0"}, "NNODES=2 needs RDZV_ENDPOINT, host:port of the rendezvous (node 0, say)"),
+])
+def test_run_sh_multi_node_settings_refused_with_one_line(env, message, fake_nvidia_smi):
+    proc = run_sh(["M"], path=fake_nvidia_smi, RUN_SH_DRY="1", **env)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"run.sh: {message}", proc.stderr
+    assert "cached_fineweb10B" not in proc.stdout
+
+
 def test_run_sh_gpu_multi_node(fake_nvidia_smi):
     env = {"RUN_SH_DRY": "1", "NNODES": "2", "NODE_RANK": "1", "RDZV_ENDPOINT": "node0:29500", "NGPU": "8"}
     proc = run_sh(["M"], path=fake_nvidia_smi, **env)
@@ -798,15 +828,21 @@ def test_run_sh_gpu_multi_node(fake_nvidia_smi):
     assert "cached_fineweb10B" not in proc.stdout
 
 
+def stub_python(folder: Path) -> str:
+    """A PYTHON for run.sh that reports no missing package (so that no torch is imported to check)."""
+    stub = folder / "stub_python"
+    stub.write_text("#!/bin/sh\ncat >/dev/null\n")
+    stub.chmod(0o755)
+    return str(stub)
+
+
 def fetch_plan(args: list[str], fake_nvidia_smi: str, tmp_path: Path, monkeypatch) -> tuple[int, bool] | None:
     """(training shards, validation shard?) that `./run.sh M ARGS` on a GPU machine would fetch,
     None when it runs no fetch: the printed data/cached_fineweb10B.py command goes through that
     script's main with its download replaced by a recorder. A stub PYTHON that reports nothing
     missing keeps run.sh from importing torch just to check the requirements."""
-    stub = tmp_path / "stub_python"
-    stub.write_text("#!/bin/sh\ncat >/dev/null\n")
-    stub.chmod(0o755)
-    proc = run_sh(["M", *args], path=fake_nvidia_smi, RUN_SH_DRY="1", PYTHON=str(stub))
+    stub = stub_python(tmp_path)
+    proc = run_sh(["M", *args], path=fake_nvidia_smi, RUN_SH_DRY="1", PYTHON=stub)
     assert proc.returncode == 0, proc.stderr
     launch = shlex.split(proc.stdout.splitlines()[-1][2:])
     assert launch[-len(args) - 1 :] == ["train_gpt_M.py", *args]
@@ -814,7 +850,7 @@ def fetch_plan(args: list[str], fake_nvidia_smi: str, tmp_path: Path, monkeypatc
     if not fetches:
         return None
     [cmd] = fetches
-    assert cmd[:2] == [str(stub), "data/cached_fineweb10B.py"]
+    assert cmd[:2] == [stub, "data/cached_fineweb10B.py"]
     calls = []
 
     def record(num_train, out_dir, val=True):

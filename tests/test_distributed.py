@@ -3,12 +3,15 @@ N accumulation steps: bit for bit at 2 processes; at 4, the same first loss and 
 trajectory to within rounding noise, whose size each test measures for itself."""
 import multiprocessing as mp
 import os
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import load_script, tiny_args, write_learnable_shards
+from conftest import ROOT, load_script, tiny_args, write_learnable_shards
 
 STEPS = 3
 SEQ_LEN = 128
@@ -126,19 +129,19 @@ def orthogonalize_worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     module = load_script("M")  # before the process group, as in the script itself
     torch.distributed.init_process_group("gloo")
-    updates = torch.load(f"{tmp}/updates.pt")
     muon = module.Muon([torch.zeros(2, 2, requires_grad=True)], lr=0.1, momentum=0.9, ns_steps=5, rank=rank, world_size=world)
-    torch.save(muon.orthogonalize(updates, 5), f"{tmp}/ortho_{rank}.pt")
+    for i, updates in enumerate(torch.load(f"{tmp}/updates.pt")):
+        torch.save(muon.orthogonalize(updates, 5), f"{tmp}/ortho_{i}_{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, count", [(2, 6), (4, 6), (4, 3)])
-def test_muon_split_across_ranks(world, count, tmp_path):
+@pytest.mark.parametrize("world, counts", [(2, (6,)), (4, (6, 3))])
+def test_muon_split_across_ranks(world, counts, tmp_path):
     """Each rank orthogonalises its share of a batch of matrices; after the all-gather every rank
     holds what one process computes for each matrix, in order (batches not divisible by the world
     size, and smaller than it, included): bit for bit, since each matrix's iteration is the same."""
-    updates = torch.randn(count, 24, 40)
-    torch.save(updates, tmp_path / "updates.pt")
+    batches = [torch.randn(count, 24, 40) for count in counts]
+    torch.save(batches, tmp_path / "updates.pt")
     port, ctx = free_port(), mp.get_context("spawn")
     procs = [ctx.Process(target=orthogonalize_worker, args=(r, world, port, str(tmp_path))) for r in range(world)]
     for p in procs:
@@ -146,6 +149,28 @@ def test_muon_split_across_ranks(world, count, tmp_path):
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
-    expected = torch.stack([load_script("M").newton_schulz(u, 5) for u in updates])
-    for r in range(world):
-        assert torch.equal(torch.load(tmp_path / f"ortho_{r}.pt"), expected)
+    for i, updates in enumerate(batches):
+        expected = torch.stack([load_script("M").newton_schulz(u, 5) for u in updates])
+        for r in range(world):
+            assert torch.equal(torch.load(tmp_path / f"ortho_{i}_{r}.pt"), expected)
+
+
+def test_ctrl_c_under_torchrun_through_run_sh_stops_every_process_with_one_line(tmp_path):
+    """./run.sh with 2 processes (torchrun, gloo): Ctrl-C reaches the training processes alone, which stop at
+    the same step boundary; one line says where to resume, torchrun reports no failure, run.sh exits 130."""
+    train, val = write_learnable_shards(tmp_path, 200_000, 4_000)
+    args = tiny_args(train, val, tmp_path / "logs", num_iterations=190, val_loss_every=0, val_tokens=2 * SEQ_LEN,
+                     warmup_compile_steps=0, checkpoint_every=1000, checkpoint_dir=tmp_path / "ckpt")
+    env = {**os.environ, "NGPU": "2", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "run.sh"), "M", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("step:3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    (saved,) = (tmp_path / "ckpt").glob("*/step*.pt")
+    assert proc.returncode == 130, err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        f"interrupted at step {int(saved.stem[4:])} by SIGINT; resume with --resume={saved}"]
+    assert "Traceback" not in err and "ChildFailedError" not in err

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_EOT, learnable_tokens, load_script, tiny_args, write_shard
+from conftest import ROOT, SMALL_EOT, learnable_tokens, load_script, run_cli, tiny_args, write_shard
 
 CPU = torch.device("cpu")
 
@@ -54,7 +54,8 @@ def test_loader_moves_to_next_shard_when_window_does_not_fit(script, tmp_path):
     write_shard(tmp_path / "t_000001.bin", first)
     write_shard(tmp_path / "t_000002.bin", second)
     loader = script.TrainLoader(str(tmp_path / "t_*.bin"), batch, seq_len, 0, 1, CPU)
-    assert loader.capacity() == (len(first) - 1) // batch + (len(second) - 1) // batch == 2 + 3
+    files = loader.files
+    assert [loader.files_for(n) for n in (1, 2, 3, 5, 6)] == [files[:1], files[:1], files, files, []]  # 2 + 3 steps
     starts = []
     for _ in range(5):
         inputs, _ = loader.next_step()[0]
@@ -161,30 +162,30 @@ def test_help_lists_every_field_with_default_and_range(script, capsys):
     out = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(script.Config):
         assert f"--{f.name} " in out
-    assert "tokens per forward pass, per process (default 65536; > 0)" in out and "model:" in out
+    assert "tokens per forward pass, per process; a multiple of 128 (flex-attention's tile) (default 65536; > 0)" in out
+    assert "model:" in out
 
 
 def test_world_size_that_cannot_keep_global_batch_is_refused_with_valid_sizes(script):
     cfg = script.parse_config([])
-    assert [script.accumulation_steps(cfg, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
-    with pytest.raises(script.ConfigError) as e:
-        script.accumulation_steps(cfg, 3)
-    assert "world sizes that can: 1, 2, 4, 8" in str(e.value)
+    assert [script.world_size_errors(cfg, n) for n in (1, 2, 4, 8)] == [[]] * 4
+    (message,) = script.world_size_errors(cfg, 3)
+    assert "world sizes that can: 1, 2, 4, 8" in message and "?" not in message
 
 
-@pytest.mark.parametrize("world", [16, 32])
-def test_refusal_of_16_or_32_processes_says_how_to_run_them(script, world):
-    """Both ways out it names work: the shorter sequence keeps the global batch, the larger batch keeps
-    one 65,536-token sequence per process."""
-    with pytest.raises(script.ConfigError) as e:
-        script.accumulation_steps(script.parse_config([]), world)
-    message = str(e.value)
-    seq_len, batch = 524_288 // world, world * 65_536
-    assert f"--seq_len={seq_len}" in message and f"--batch_tokens={batch}" in message
-    for fix in ([f"--seq_len={seq_len}"], [f"--batch_tokens={batch}"]):
-        cfg = script.parse_config(fix)
-        assert script.accumulation_steps(cfg, world) == 1
-    script.check_val_tokens(script.parse_config([f"--seq_len={seq_len}"]), world)
+@pytest.mark.parametrize("world, val_tokens", [(16, 10_485_760), (32, 10_485_760), (3, 10_485_760), (16, 1_000_000)])
+def test_refusal_of_a_world_size_names_ways_out_that_work_as_written(script, world, val_tokens):
+    """Every way out the refusal names passes every check at that world size, validation included: the shorter
+    sequence keeps the global batch, the larger batch one 65,536-token sequence per process."""
+    cfg = script.parse_config([f"--val_tokens={val_tokens}"])
+    (message,) = script.world_size_errors(cfg, world)
+    fixes = [way.split() for way in re.findall(r"((?:--\w+=\d+ ?)+) \(", message.split(" use ", 1)[1])]
+    assert fixes and all(arg.startswith("--") for fix in fixes for arg in fix), message
+    for fix in fixes:
+        fixed = script.parse_config([f"--val_tokens={val_tokens}", *fix])
+        assert script.world_size_errors(fixed, world) == [], (fix, message)
+    if world in (16, 32):
+        assert any(f"--seq_len={524_288 // world}" in fix for fix in fixes)
 
 
 def test_readme_multi_node_command_runs_as_written():
@@ -196,20 +197,17 @@ def test_readme_multi_node_command_runs_as_written():
     args = line.split("./run.sh M", 1)[1].split()
     proc = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "M", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, **env, "RUN_SH_DRY": "1", "NGPU": "8"}, timeout=120)
-    launch = [ln for ln in proc.stdout.splitlines() if "torch.distributed.run" in ln or ln.startswith("+ torchrun")]
+    launch = [ln for ln in proc.stdout.splitlines() if "torch.distributed.run" in ln or " torchrun " in ln]
     assert launch and "--nnodes=2" in launch[-1] and "--nproc_per_node=8" in launch[-1] and args[0] in launch[-1], proc.stdout
     M = load_script("M")
     cfg = M.parse_config(args)
-    assert M.accumulation_steps(cfg, 16) == 1 and cfg.batch_tokens == 524_288
-    M.check_val_tokens(cfg, 16)
+    assert M.world_size_errors(cfg, 16) == [] and cfg.batch_tokens == 524_288 and cfg.seq_len * 16 == 524_288
 
 
 def test_val_tokens_not_multiple_of_batch_refused_with_nearest_values(script):
-    cfg = script.parse_config(["--val_tokens=1000000"])
-    script.check_val_tokens(script.parse_config([]), 8)
-    with pytest.raises(script.ConfigError) as e:
-        script.check_val_tokens(cfg, 2)
-    assert "917504, 1048576" in str(e.value)
+    assert script.world_size_errors(script.parse_config([]), 8) == []
+    (message,) = script.world_size_errors(script.parse_config(["--val_tokens=1000000"]), 2)
+    assert "917504, 1048576" in message
 
 
 def run_args(shards, tmp_path, **fields) -> list[str]:
@@ -231,7 +229,7 @@ def test_not_enough_training_tokens_refused_before_training(script, shards, tmp_
 
 
 def test_vocab_smaller_than_the_data_is_refused_with_the_token_and_file(script, shards, tmp_path):
-    message = refused_before_log(script, shards, tmp_path, script.ConfigError, vocab_size=100, eot_token=99)
+    message = refused_before_log(script, shards, tmp_path, script.DataError, vocab_size=100, eot_token=99)
     largest = max(int(np.fromfile(path, dtype="<u2", offset=1024).max()) for path in glob.glob(shards[0]))
     assert f"--vocab_size=100 is too small for the data: token id {largest}" in message
     assert f"use --vocab_size={largest + 1} or more" in message
@@ -246,15 +244,14 @@ def test_folder_as_training_files_is_refused(script, shards, tmp_path):
 
 def test_nan_loss_stops_with_one_line_and_exit_1(script, shards, tmp_path):
     lr = "--adam_lr=1e30" if script.BASELINE == "A" else "--muon_lr=1e38"
-    proc = subprocess.run([sys.executable, script.__file__, *run_args(shards, tmp_path, num_iterations=10, val_loss_every=0), lr],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    (line,) = proc.stderr.strip().splitlines()
+    code, out, err = run_cli(script.__file__, [*run_args(shards, tmp_path, num_iterations=10, val_loss_every=0), lr])
+    assert code == 1
+    (line,) = err.strip().splitlines()
     assert re.fullmatch(r"error: training loss became (nan|inf) at step \d+; the run diverged.*", line), line
     (log,) = (tmp_path / "logs").iterdir()
     text = log.read_text()
     assert re.search(r"\nstopped: loss is (nan|inf) at step \d+\n=== end of run ===\n$", text)
-    assert proc.stdout.rstrip().endswith(f"log: {log}")
+    assert out.rstrip().endswith(f"log: {log}")
 
 
 def test_step_lines_show_training_loss_and_lr_multiplier(script, shards, tmp_path, capsys):
@@ -290,11 +287,11 @@ def test_cli_refusals_exit_2_with_one_line_per_problem_and_no_log(tmp_path):
              (["--model_dim=0", "--adam_beta1=1.5", f"--log_dir={tmp_path}/logs"],
               ["error: --model_dim=0 is out of range", "error: --adam_beta1=1.5 is out of range"]))
     for args, starts in cases:
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt_M.py"), *args], capture_output=True, text=True, cwd=tmp_path)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == len(starts), proc.stderr
-        assert all(line.startswith(start) for line, start in zip(lines, starts)), proc.stderr
-        assert not (tmp_path / "logs").exists() and not proc.stdout
+        code, out, err = run_cli(os.path.join(ROOT, "train_gpt_M.py"), args, cwd=tmp_path)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == len(starts), err
+        assert all(line.startswith(start) for line, start in zip(lines, starts)), err
+        assert not (tmp_path / "logs").exists() and not out
 
 
 def test_same_seed_same_initial_weights_and_different_seed_differs(script):
@@ -326,3 +323,57 @@ def test_learnable_fixture_data_is_valid(tmp_path):
     write_shard(tmp_path / "x.bin", tokens)
     assert load_script("A").shard_token_count(str(tmp_path / "x.bin")) == 1000 and tokens[0] == SMALL_EOT
     assert tokens.max() == SMALL_EOT
+
+
+# -----------------------------------------------------------------------------
+# Refused before anything starts: outputs, ranges, fields that do not fit together
+
+
+@pytest.mark.parametrize("field", ["log_dir", "checkpoint_dir"])
+@pytest.mark.parametrize("kind", ["file", "empty", "unwritable"])
+def test_an_output_folder_that_cannot_take_files_is_refused_before_training(script, shards, tmp_path, field, kind):
+    """A file, an empty string, or a folder that cannot be written (here inside /proc, which takes no new file
+    even from root): refused with one line before a log exists or a step runs; checkpoint_dir only matters when
+    checkpoints are on."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    folder = {"file": str(blocker), "empty": "", "unwritable": "/proc/self/logs"}[kind]
+    fields = {"log_dir": tmp_path / "logs", field: folder, "checkpoint_dir": tmp_path / "ckpt", "checkpoint_every": 1}
+    fields[field] = folder
+    with pytest.raises(script.ConfigError) as refusal:
+        script.main(tiny_args(*shards, warmup_compile_steps=0, val_tokens=1024, num_iterations=2, **fields))
+    (message,) = str(refusal.value).splitlines()
+    expected = {"file": f"{blocker} is a file, not a folder", "empty": "names nothing",
+                "unwritable": "cannot be written"}[kind]
+    assert message.startswith(f"--{field}=") and expected in message
+    assert not (tmp_path / "logs").exists()
+
+
+def test_checkpoint_dir_is_not_checked_without_checkpoints(script, shards, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    script.main(tiny_args(*shards, log_dir=tmp_path / "logs", warmup_compile_steps=0, val_tokens=1024, num_iterations=1,
+                          val_loss_every=0, checkpoint_dir=blocker))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed=18446744073709551616"], r"--seed=18446744073709551616 is out of range: must be in \[0, 4294967295\]"),
+    (["--seed=-1"], r"--seed=-1 is out of range"),
+    (["--warmup_steps=500", "--num_iterations=300"], "--warmup_steps=500 is longer than the run"),
+    (["--final_lr_frac=1.5"], r"--final_lr_frac=1.5 is out of range: must be in \[0, 1\]"),
+    (["--seq_len=1000", "--batch_tokens=8000"], "--seq_len=1000 must be a multiple of 128"),
+])
+def test_configuration_that_makes_no_sense_is_refused_on_any_device(script, args, message):
+    with pytest.raises(script.ConfigError, match=message):
+        script.parse_config(args)
+
+
+def test_training_files_that_are_the_validation_files_are_refused(script, shards, tmp_path):
+    message = refused_before_log(script, shards, tmp_path, script.DataError, val_files=shards[0])
+    assert "--train_files and --val_files both match" in message and "validation would measure the training" in message
+
+
+def test_tiny_preset_finds_its_data_from_any_working_directory(script, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = script.parse_config(["--preset=tiny"])
+    assert os.path.isabs(cfg.train_files) and script.find_shards(cfg.train_files) and script.find_shards(cfg.val_files)

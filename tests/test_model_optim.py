@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import gpu_ops
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOT = 50256
 TILE = 128  # flex-attention tile, SPEC: block mask over 128 x 128 tiles
@@ -60,15 +62,26 @@ def tiny_config(mod, **overrides):
     return mod.Config(**{**fields, **overrides})
 
 
+def model_of(mod, cfg, fast_ops: bool = False):
+    """The model with the plain ops, or with the ops fast_ops.py chooses for an H100 (kernels interpreted)."""
+    return mod.GPT(cfg, gpu_ops(mod, cfg) if fast_ops else None)
+
+
+def optimizers_of(mod, cfg, model, ops=None):
+    """build_optimizers on one CPU process, with the plain ops unless `ops` are given."""
+    cpu = torch.device("cpu")
+    return mod.build_optimizers(cfg, model, ops or mod.select_ops(cfg, cpu)[0], mod.Dist(0, 0, 1, cpu))
+
+
 # -----------------------------------------------------------------------------
 # References written from the SPEC text
 
 
-def reference_doc_ids(tokens):
+def reference_doc_ids(tokens, eot=EOT):
     """Document id = running count of token 50256 (which starts each document), python loop."""
     ids, count = [], 0
     for t in tokens.tolist():
-        count += t == EOT
+        count += t == eot
         ids.append(count)
     return torch.tensor(ids)
 
@@ -308,15 +321,13 @@ def test_model_rounds_rope_tables_to_bfloat16_with_its_parameters(mod):
 @pytest.mark.parametrize("fast_ops", [False, True])
 def test_bfloat16_model_rotates_with_the_rounded_tables(mod, fast_ops):
     """The forward hands q/k's rotation the model's bfloat16 tables, not float32 ones made on the way."""
-    cfg = tiny_config(mod, seq_len=256, fast_ops=fast_ops, param_dtype="bfloat16")
-    model = mod.GPT(cfg).bfloat16()
-    seen = []
-    for block in model.blocks:
-        real = block.attn.ops.qk_norm_rope
-        block.attn.ops = block.attn.ops._replace(qk_norm_rope=lambda x, cos, sin, real=real: seen.append((cos, sin)) or real(x, cos, sin))
+    cfg = tiny_config(mod, seq_len=256, param_dtype="bfloat16")
+    model = model_of(mod, cfg, fast_ops).bfloat16()
+    seen, real = [], model.ops.qk_norm_rope
+    model.ops = model.ops._replace(qk_norm_rope=lambda x, cos, sin: seen.append((cos, sin)) or real(x, cos, sin))
     with torch.no_grad():
-        model(random_tokens(200, "mixed"))
-    cos, sin = mod.rope_tables(200, cfg.model_dim // cfg.num_heads, cfg.rope_base)
+        model(random_tokens(64, "mixed"))
+    cos, sin = mod.rope_tables(64, cfg.model_dim // cfg.num_heads, cfg.rope_base)
     assert len(seen) == cfg.num_layers  # one call a layer: queries and keys together
     for got_cos, got_sin in seen:
         assert got_cos.dtype == got_sin.dtype == torch.bfloat16
@@ -465,7 +476,7 @@ def test_attention_module_matches_spec_math(mod):
     tokens = random_tokens(256, "mixed")
     docs = reference_doc_ids(tokens)
     x = torch.randn(1, 256, 64)
-    y = attn(x, mod.dense_mask(docs, window), *mod.rope_tables(256, 32, 1024.0))
+    y = attn(x, mod.dense_mask(docs, window), mod.rope_tables(256, 32, 1024.0), mod.plain_ops())
     expected = reference_attention_module(attn, x, reference_mask(docs, window), torch.finfo(torch.float32).eps)
     assert y.shape == x.shape
     assert (y.double() - expected).abs().max().item() < 1e-4
@@ -482,7 +493,7 @@ def reference_loss(model, inputs, targets, cfg, softcap, params=None, activation
     D = dim // H
     eps = torch.finfo(torch.float32).eps
     T = inputs.numel()
-    allowed = reference_mask(reference_doc_ids(inputs), cfg.attn_window)
+    allowed = reference_mask(reference_doc_ids(inputs, cfg.eot_token), cfg.attn_window)
     names = {id(p): name for name, p in model.named_parameters()}
     W = (lambda p: params[names[id(p)]]) if params is not None else (lambda p: p.detach().double())  # noqa: E731
     x = rms(W(model.embed.weight)[inputs], eps)
@@ -501,6 +512,17 @@ def reference_loss(model, inputs, targets, cfg, softcap, params=None, activation
     return F.cross_entropy(logits, targets)
 
 
+def spec_case(mod, fast_ops: bool, **overrides):
+    """A config, a randomised model and its inputs and targets: 256 tokens and GPT-2's vocabulary with the plain
+    ops; with the fast ones, whose kernels run under Triton's interpreter (0.1 s per 50,304-logit row of the loss
+    kernel), 64 tokens of a 512-token vocabulary."""
+    cfg = tiny_config(mod, **(dict(vocab_size=512, eot_token=511) if fast_ops else {}), **overrides)
+    T = 64 if fast_ops else 256
+    tokens = random_tokens(T + 1, "mixed")
+    inputs = torch.where(tokens == EOT, cfg.eot_token, tokens % cfg.eot_token)[:-1]
+    return cfg, randomize(model_of(mod, cfg, fast_ops)), inputs, torch.randint(0, cfg.vocab_size, (T,))
+
+
 def randomize(model):
     """Random weights everywhere (the zero-initialised ones too), q and k far from unit RMS."""
     with torch.no_grad():
@@ -515,11 +537,7 @@ def test_forward_loss_matches_spec_math(mod, fast_ops):
     """embed -> rmsnorm -> blocks (pre-norm attention with RMS-normed, rotated q and k, scale 0.12,
     document/causal/window mask; ReLU^2 MLP) -> rmsnorm -> output layer -> (M: 30*sigmoid(z/(7.5
     sqrt(dim)))) -> mean cross-entropy; A has plain logits. With the plain ops and with the fast ones."""
-    window = int(torch.randint(8, 200, ()).item())
-    cfg = tiny_config(mod, attn_window=window, fast_ops=fast_ops)
-    model = randomize(mod.GPT(cfg))
-    tokens = random_tokens(257, "mixed")
-    inputs, targets = tokens[:-1], torch.randint(0, 50257, (256,))
+    cfg, model, inputs, targets = spec_case(mod, fast_ops, attn_window=int(torch.randint(8, 200, ()).item()))
     loss = model(inputs, targets)
     assert loss.dtype == torch.float32 and loss.ndim == 0
     expected = reference_loss(model, inputs, targets, cfg, softcap=mod.BASELINE == "M").item()
@@ -531,11 +549,8 @@ def test_parameter_gradients_match_spec_math(mod, fast_ops):
     """The backward of the whole model gives, in float32, float64 autograd's gradients through the
     SPEC forward, for every parameter: with the plain ops (autograd), and with the fast ops (chunked
     output layer and loss, norms and ReLU^2 that keep their outputs rather than inputs)."""
-    window = int(torch.randint(8, 200, ()).item())
-    cfg = tiny_config(mod, attn_window=window, loss_chunk=int(torch.randint(16, 300, ()).item()), fast_ops=fast_ops)
-    model = randomize(mod.GPT(cfg))
-    tokens = random_tokens(257, "mixed")
-    inputs, targets = tokens[:-1], torch.randint(0, 50257, (256,))
+    cfg, model, inputs, targets = spec_case(mod, fast_ops, attn_window=int(torch.randint(8, 200, ()).item()),
+                                            loss_chunk=int(torch.randint(16, 300, ()).item()))
     model(inputs, targets).backward()
     params = {name: p.detach().double().requires_grad_() for name, p in model.named_parameters()}
     reference_loss(model, inputs, targets, cfg, softcap=mod.BASELINE == "M", params=params).backward()
@@ -550,16 +565,15 @@ def test_parameter_gradients_match_spec_math(mod, fast_ops):
 def test_forward_without_targets_returns_float32_logits(mod, fast_ops):
     """GPT.forward(inputs) gives every position's float32 logits (soft-capped in M), the ones whose
     cross-entropy is the loss forward(inputs, targets) returns."""
-    cfg = tiny_config(mod, fast_ops=fast_ops, param_dtype="bfloat16")
-    model = randomize(mod.GPT(cfg)).bfloat16()
-    tokens = random_tokens(129, "mixed")
+    cfg, model, inputs, targets = spec_case(mod, fast_ops, param_dtype="bfloat16")
+    model = model.bfloat16()
     with torch.no_grad():
-        logits = model(tokens[:-1])
-        loss = model(tokens[:-1], tokens[1:])
-    assert logits.shape == (128, mod.padded_vocab(cfg.vocab_size)) and logits.dtype == torch.float32
+        logits = model(inputs)
+        loss = model(inputs, targets)
+    assert logits.shape == (len(inputs), mod.padded_vocab(cfg.vocab_size)) and logits.dtype == torch.float32
     if mod.BASELINE == "M":
         assert 0 < logits.min() and logits.max() < 30
-    assert F.cross_entropy(logits, tokens[1:]).item() == pytest.approx(loss.item(), rel=1e-5)
+    assert F.cross_entropy(logits, targets).item() == pytest.approx(loss.item(), rel=1e-5)
 
 
 def test_logits_and_loss_in_float32_for_bfloat16_model(mod):
@@ -741,7 +755,7 @@ def test_muon_nesterov_momentum(M):
 def test_muon_momentum_warmup(M):
     """0.85 at step 0, linearly to 0.95 at step 300, then 0.95."""
     cfg = tiny_config(M)
-    optimizers, set_schedule = M.build_optimizers(cfg, M.GPT(cfg), 0, 1)
+    optimizers, set_schedule = optimizers_of(M, cfg, M.GPT(cfg))
     muon = [o for o in optimizers if isinstance(o, M.Muon)]
     assert len(muon) == 1
     for step, expected in [(0, 0.85), (75, 0.875), (150, 0.90), (299, 0.85 + 0.1 * 299 / 300), (300, 0.95), (301, 0.95), (2499, 0.95)]:
@@ -770,7 +784,7 @@ def test_every_parameter_in_exactly_one_group(mod, flip_tied):
     if flip_tied:
         cfg = tiny_config(mod, tied_embed=not cfg.tied_embed)
     model = mod.GPT(cfg)
-    optimizers, _ = mod.build_optimizers(cfg, model, 0, 1)
+    optimizers, _ = optimizers_of(mod, cfg, model)
     seen = group_of_each_parameter(model, optimizers)
     names = {id(p): n for n, p in model.named_parameters()}
     for pid, places in seen.items():
@@ -782,7 +796,7 @@ def test_adamw_groups_A():
     A = load("A")
     cfg = tiny_config(A)
     model = A.GPT(cfg)
-    optimizers, _ = A.build_optimizers(cfg, model, 0, 1)
+    optimizers, _ = optimizers_of(A, cfg, model)
     assert len(optimizers) == 1 and isinstance(optimizers[0], torch.optim.AdamW)
     (group,) = optimizers[0].param_groups
     assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
@@ -793,7 +807,7 @@ def test_adamw_groups_A():
 def test_muon_and_adam_groups_M(M):
     cfg = tiny_config(M)
     model = M.GPT(cfg)
-    optimizers, _ = M.build_optimizers(cfg, model, 0, 1)
+    optimizers, _ = optimizers_of(M, cfg, model)
     muons = [o for o in optimizers if isinstance(o, M.Muon)]
     adams = [o for o in optimizers if isinstance(o, torch.optim.Adam)]
     assert len(muons) == 1 and len(adams) == 1 and len(optimizers) == 2
@@ -809,12 +823,14 @@ def test_muon_and_adam_groups_M(M):
 
 
 @pytest.mark.parametrize("fast_ops", [True, False])
-def test_fast_ops_flag_chooses_muons_gram_products(M, fast_ops):
-    """--fast_ops=false reaches Newton-Schulz too: its symmetric products become plain PyTorch ones."""
-    cfg = tiny_config(M, fast_ops=fast_ops)
-    optimizers, _ = M.build_optimizers(cfg, M.GPT(cfg), 0, 1)
+def test_muon_takes_the_chosen_gram_products(M, fast_ops):
+    """Newton-Schulz's symmetric products are the op select_ops chose: fast_ops.py's kernel where it is
+    chosen (an H100 here), else the plain PyTorch products (also with --fast_ops=false)."""
+    cfg = tiny_config(M)
+    ops = gpu_ops(M, cfg) if fast_ops else M.select_ops(tiny_config(M, fast_ops=False), torch.device("cpu"))[0]
+    optimizers, _ = optimizers_of(M, cfg, M.GPT(cfg), ops)
     muon = next(o for o in optimizers if isinstance(o, M.Muon))
-    assert muon.gram_op is (M.gram if fast_ops else M.plain_gram)
+    assert muon.gram_op is ops["gram"] and (muon.gram_op is M.plain_gram) == (not fast_ops)
 
 
 def test_scalar_parameters_go_to_adam_M(M):
@@ -822,7 +838,7 @@ def test_scalar_parameters_go_to_adam_M(M):
     model = M.GPT(cfg)
     model.blocks[0].register_parameter("gain", nn.Parameter(torch.ones(64)))
     model.register_parameter("temperature", nn.Parameter(torch.ones(())))
-    optimizers, _ = M.build_optimizers(cfg, model, 0, 1)
+    optimizers, _ = optimizers_of(M, cfg, model)
     seen = group_of_each_parameter(model, optimizers)
     for p in (model.blocks[0].gain, model.temperature):
         (opt, group), = seen[id(p)]
@@ -875,7 +891,7 @@ def test_lr_multiplier_every_step(mod):
 def test_set_schedule_sets_group_lrs(mod):
     cfg = tiny_config(mod)
     model = mod.GPT(cfg)
-    optimizers, set_schedule = mod.build_optimizers(cfg, model, 0, 1)
+    optimizers, set_schedule = optimizers_of(mod, cfg, model)
     if mod.BASELINE == "A":
         base = {id(p): 0.0021 for p in model.parameters()}
     else:

@@ -687,11 +687,13 @@ def test_slope_and_step_conversion_on_linear_curves():
 
     # new = base shifted down by what base gains in 30 steps: "+30.0 steps", new is ahead
     shift = 30 * slope
-    new_runs = [dataclasses.replace(r, val=[(s, loss + shift, t) for s, loss, t in r.val]) for r in runs]
+    new_runs = [dataclasses.replace(r, run_id=f"new_{i}", val=[(s, loss + shift, t) for s, loss, t in r.val])
+                for i, r in enumerate(runs)]
     text = stats.format_comparison(stats.compare(runs, new_runs, target=crossing_target, seed=0))
     assert "= +30.0 steps" in text and "base would need about 30.0 more steps" in text
     assert "assumes: base's curve is a straight line" in text and "(base 200, new 200)" in text
-    behind = [dataclasses.replace(r, val=[(s, loss - shift, t) for s, loss, t in r.val]) for r in runs]
+    behind = [dataclasses.replace(r, run_id=f"behind_{i}", val=[(s, loss - shift, t) for s, loss, t in r.val])
+              for i, r in enumerate(runs)]
     text = stats.format_comparison(stats.compare(runs, behind, target=crossing_target, seed=0))
     assert "= -30.0 steps" in text and "(new is behind)" in text
 
@@ -775,3 +777,115 @@ def test_stats_against_edge_cases(tmp_path, capsys):
 
     assert stats.main([str(fixture("M_nan_cpu.log")), "--against", *never]) == 1
     assert "error: no complete runs among the base logs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- runs, not files
+
+
+def test_runs_are_grouped_by_their_whole_configuration(tmp_path):
+    """A sweep of two learning rates is two groups, named by the field in which they differ; the seed and where
+    outputs go do not split a group."""
+    rng = np.random.default_rng()
+    low = _group_logs(tmp_path, "low", 0.0, 2, rng, muon_lr=0.05, log_dir="a")
+    high = _group_logs(tmp_path, "high", 0.1, 2, rng, muon_lr=0.1, log_dir="b", seed=3)
+    rows = stats.summarize(runlog.load_runs([*low, *high]))
+    assert [(r["group"], r["runs"]) for r in rows] == [("M (muon_lr=0.05)", 2), ("M (muon_lr=0.1)", 2)]
+    assert [r["group"] for r in stats.summarize(runlog.load_runs(low))] == ["M"]
+
+
+def test_a_run_is_counted_once(tmp_path):
+    """The same file twice, a copy (the same run id) and a run with its continuation are one run each; a
+    continuation from before logs carried their past borrows the parent's earlier validation points."""
+    rng = np.random.default_rng()
+    (one,) = _group_logs(tmp_path, "one", 0.0, 1, rng)
+    copy = tmp_path / "elsewhere" / "one_0.txt"
+    copy.parent.mkdir()
+    copy.write_text(Path(one).read_text())
+    parent = curve_log(tmp_path / "parent.txt", [(0, 10.8), (5, 3.5), (10, 3.3)], num_steps=20, ended=False)
+    child = curve_log(tmp_path / "child.txt", [(10, 3.3), (15, 3.2), (20, 3.1)], num_steps=20)
+    text = child.read_text().replace("\nconfig: ", "\nconfig: ", 1)
+    child.write_text(text.replace("\n=== training ===", "\nresumed_from: ckpt/parent/step000010.pt step:10 "
+                                  "run:parent\n=== training ==="))
+    notes = []
+    runs = runlog.load_runs([one, one, str(copy), str(parent), str(child)], warn=notes.append)
+    assert sorted(r.path.name for r in runs) == ["child.txt", "one_0.txt"]
+    assert notes == [f"counted once: {one} is given twice", f"counted once: {copy} is a copy of {one} (run id one_0)",
+                     f"merged {parent} into its continuation {child} (resumed at step 10)"]
+    merged = next(r for r in runs if r.run_id == "child")
+    assert [s for s, _, _ in merged.val] == [0, 5, 10, 15, 20]
+    assert runlog.steps_to_target(merged) == pytest.approx(10 + 5 * (3.3 - 3.28) / (3.3 - 3.2))
+
+
+def test_the_same_run_on_both_sides_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng()
+    logs = _group_logs(tmp_path, "g", 0.0, 2, rng)
+    assert stats.main([*logs, "--against", logs[1]]) == 1
+    assert "error: run g_1 is on both sides of --against" in capsys.readouterr().err
+
+
+def test_groups_of_other_lengths_or_batches_are_compared_with_a_warning(tmp_path, capsys):
+    rng = np.random.default_rng()
+    base = _group_logs(tmp_path, "base", 0.0, 2, rng)
+    longer = [str(curve_log(tmp_path / f"long_{i}.txt", [(0, 10.8), (15, 3.3), (30, 3.1)], num_steps=30,
+                            batch_tokens=65_536)) for i in range(2)]
+    assert stats.main([*base, "--against", *longer]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == ("warning: the groups differ in steps (num_iterations: base 20; new 30); their losses and "
+                      "times are not like for like")
+    assert out[3].startswith("warning: the groups differ in tokens per step (batch_tokens: base 524288; new 65536)")
+
+
+@pytest.mark.parametrize("target", ["nan", "inf", "-inf"])
+def test_target_must_be_finite(target, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        stats.main([str(fixture("M_seed0.log")), f"--target={target}"])
+    assert exit_.value.code == 2 and "must be a finite number" in capsys.readouterr().err
+
+
+def test_against_compares_mean_training_time_with_an_interval(tmp_path, capsys):
+    """The speedrun's measure when every run stops at a fixed step: the training time, Welch interval."""
+    rng = np.random.default_rng()
+    base = [str(curve_log(tmp_path / f"b{i}.txt", [(0, 10.8), (20, 3.5)], num_steps=20, ms_per_step=100 + i))
+            for i in range(3)]
+    new = [str(curve_log(tmp_path / f"n{i}.txt", [(0, 10.8), (20, 3.5)], num_steps=20, ms_per_step=90 + 2 * i))
+           for i in range(3)]
+    assert rng is not None and stats.main([*base, "--against", *new]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train time [s]"))
+    expected = stats.welch_difference([2000 + 20 * i for i in range(3)], [1800 + 40 * i for i in range(3)])
+    assert row.split()[3:6] == ["2.02", "1.84", "-0.18"] and f"{expected.lo / 1000:+.2f} to {expected.hi / 1000:+.2f}" in row
+
+
+def test_label_names_the_group_it_follows(tmp_path, capsys):
+    rng = np.random.default_rng()
+    base, new = _group_logs(tmp_path, "b", 0.0, 2, rng), _group_logs(tmp_path, "n", -0.02, 2, rng)
+    assert stats.main([*base, "--label", "baseline", "--against", *new, "--label", "idea"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["base: baseline (2 complete runs)", "new:  idea (2 complete runs)"]
+    assert stats.main([*base, "--label", "baseline", "--against", *new]) == 0
+    assert capsys.readouterr().out.splitlines()[:2] == ["base: baseline (2 complete runs)", "new:  M (2 complete runs)"]
+
+
+def test_modded_logs_of_one_code_are_one_group_and_their_seconds_are_read(tmp_path):
+    """A record's runs (the same code) are one group; the optimization track writes train_time in seconds."""
+    logs = [write_modded_log(tmp_path / f"r{i}.txt", [(0, 10.8), (10, 3.3)], num_steps=10) for i in range(2)]
+    seconds = tmp_path / "track3.txt"
+    seconds.write_text(logs[0].read_text().replace("train_time:950ms", "train_time:0.950s"))
+    other = write_modded_log(tmp_path / "other.txt", [(0, 10.8), (10, 3.4)], num_steps=10)
+    other.write_text(other.read_text().replace("import os", "import sys", 1))
+    runs = runlog.load_runs([*logs, other])
+    assert sorted(r.group for r in runs) == ["modded-nanogpt:other", "modded-nanogpt:r0", "modded-nanogpt:r0"]
+    run = runlog.parse_log(seconds)
+    assert run.val[-1] == (10, 3.3, 950.0) and run.complete
+
+
+def test_plot_writes_pdf_and_svg_and_refuses_other_endings(tmp_path, capsys):
+    logs = [str(fixture(n)) for n in M_FINISHED]
+    assert plot.main([*logs, "-o", str(tmp_path / "c.pdf")]) == 0 and (tmp_path / "c.pdf").read_bytes()[:5] == b"%PDF-"
+    assert plot.main([*logs, "-o", str(tmp_path / "c.svg")]) == 0 and b"<svg" in (tmp_path / "c.svg").read_bytes()[:400]
+    with pytest.raises(SystemExit):
+        plot.main([*logs, "-o", str(tmp_path / "c.jpg")])
+    assert "the figure is written as .png, .pdf, .svg" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plot.main([*logs, "--ylim", "0", "5", "-o", str(tmp_path / "d.png")])
+    assert "the loss axis is logarithmic, its limits must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "c.jpg").exists() and not (tmp_path / "d.png").exists()

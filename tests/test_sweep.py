@@ -49,7 +49,7 @@ def note(event):
 
 note("start")
 time.sleep(float(args.get("sleep_ms", random.uniform(1, 10))) / 1000)
-if args.get("fail") == "true":
+if args.get("fail") == "true" or os.path.exists(args.get("fail_if", "/nonexistent")):
     note("end")
     print("training...")
     print("error: failing on purpose", file=sys.stderr)
@@ -67,6 +67,12 @@ with open(os.path.join(args["log_dir"], run_id + ".txt"), "w") as f:
 print("log written")
 note("end")
 '''
+
+
+@pytest.fixture(autouse=True)
+def gpus(monkeypatch):
+    """Six GPUs as nvidia-smi would list them (the tests run the stub, which needs none)."""
+    monkeypatch.setattr(sweep, "listed_gpus", lambda: [str(i) for i in range(6)])
 
 
 @pytest.fixture
@@ -224,10 +230,41 @@ def test_bad_input_refused_before_anything_starts(capsys, tmp_path, argv, messag
     assert (code, message in stderr, out.exists()) == (2, True, False)
 
 
-def test_folder_holding_a_sweep_refused(capsys, tmp_path):
+def test_folder_holding_another_sweep_refused(capsys, tmp_path):
     (tmp_path / "sweep.json").write_text("{}")
     code, _, stderr = run_sweep(capsys, "--num_seeds", 1, "--run", "A", "--out", tmp_path)
-    assert (code, "already holds a sweep" in stderr) == (2, True)
+    assert (code, "already holds another sweep" in stderr) == (2, True)
+
+
+def test_the_same_command_completes_its_own_sweep(capsys, tmp_path, stub, record):
+    """Runs that finished are kept; the failed ones (here: while a file exists) run again, the others do not."""
+    out, blocker = tmp_path / "out", tmp_path / "blocker"
+    blocker.touch()
+    argv = ["--seeds", 0, 1, "--out", out, "--gpus", 0, "--run", f"{stub} --tag=a", "--run", f"{stub} --tag=b "
+            f"--fail_if={blocker}", "--", f"--record={record}"]
+    assert run_sweep(capsys, *argv)[0] == 1
+    blocker.unlink()
+    code, stdout, _ = run_sweep(capsys, *argv)
+    assert code == 0 and "completing the sweep in" in stdout and "2 of 4 runs already done" in stdout
+    starts = [(e["tag"], e["seed"]) for e in events(record, "start")]
+    assert sorted(starts[4:]) == [("b", 0), ("b", 1)] and len(starts) == 6
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert len(runs) == 4 and {r["status"] for r in runs} == {"ok"} and len(list(out.glob("*.txt"))) == 4
+
+
+@pytest.mark.parametrize("run, message", [("M --muon_lr=-1", "--muon_lr=-1.0 is out of range"),
+                                          ("A --muon_lr=0.1", "unknown field --muon_lr")])
+def test_every_runs_fields_are_checked_before_anything_starts(capsys, tmp_path, run, message):
+    out = tmp_path / "out"
+    code, _, stderr = run_sweep(capsys, "--num_seeds", 2, "--run", "A", "--run", run, "--out", out)
+    assert (code, message in stderr, out.exists()) == (2, True, False)
+
+
+def test_gpus_on_a_machine_without_gpus_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "listed_gpus", lambda: [])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    code, _, stderr = run_sweep(capsys, "--num_seeds", 1, "--run", "A", "--gpus", 0, "--out", tmp_path / "out")
+    assert (code, "this machine has no GPU" in stderr) == (2, True)
 
 
 def test_default_gpus_follow_cuda_visible_devices(monkeypatch):
@@ -281,8 +318,8 @@ def test_real_script_two_seeds_on_cpu(capsys, tmp_path, monkeypatch):
     # One thread per run: the two runs share the CPU instead of fighting over it.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "out"
-    monkeypatch.chdir(ROOT)  # the tiny preset's data paths are relative to the repository
+    monkeypatch.chdir(tmp_path)  # the tiny preset's data paths resolve from the script's folder, not from here
     code, _, _ = run_sweep(capsys, "--seeds", 0, 1, "--out", out, "--cpu", "--jobs_per_gpu", 2, "--run", "A",
-                           "--", "--preset=tiny", "--num_iterations=2", "--val_loss_every=0",
+                           "--", "--preset=tiny", "--num_iterations=2", "--warmup_steps=0", "--val_loss_every=0",
                            "--warmup_compile_steps=0", "--val_tokens=1024")
     assert (code, sorted(parse_log(p).config["seed"] for p in out.glob("*.txt"))) == (0, [0, 1])
