@@ -5,7 +5,10 @@
 #   ./run.sh A [ARGS...]   the same for the AdamW baseline (train_gpt_A.py)
 #   ./run.sh test          install what the tests need, run `python -m pytest -q tests`
 #
-# M/A install requirements.txt when an import fails, fetch the FineWeb shards the run reads
+# Packages: requirements.txt for GPU runs (the versions the results were measured with),
+# requirements-cpu.txt for CPU runs, requirements-test.txt for the tests; run.sh installs a file when
+# one of its packages is missing, and notes installed versions that differ from its pins.
+# M/A fetch the FineWeb shards the run reads
 # (data/cached_fineweb10B.py skips those present) and start torchrun with one process per
 # GPU; ARGS go to the training script. What is fetched follows ARGS: no training shard when
 # they give --train_files, no validation shard when they give --val_files, and as many
@@ -17,7 +20,6 @@
 #   PYTHON        interpreter (default: python3, else python)
 #   NGPU          processes per node (default: the GPUs `nvidia-smi -L` lists)
 #   NNODES>1      multi-node: also NODE_RANK, RDZV_ENDPOINT (host:port), RDZV_ID (default speedrun)
-#   TORCH_SPEC    what pip installs when `import torch` fails (default: the versions in requirements.txt)
 #   NO_MULTICAST=1  keep NVLink multicast (NVLink SHARP) off in NCCL, PyTorch and NVSHMEM, for machines whose
 #                 owners ask for it (shared hosts); off by default, since the gradient all-reduce of an
 #                 8-GPU NVSwitch node uses it
@@ -47,7 +49,7 @@ usage() {
 usage: ./run.sh M|A [ARGS...]   train the Muon (M) or AdamW (A) baseline on all GPUs
                                 (no GPU: tiny preset on CPU on data/sample/)
        ./run.sh test            install test requirements and run the test suite
-environment: PYTHON, NGPU, NNODES/NODE_RANK/RDZV_ENDPOINT/RDZV_ID, TORCH_SPEC, NO_MULTICAST=1, RUN_SH_DRY=1
+environment: PYTHON, NGPU, NNODES/NODE_RANK/RDZV_ENDPOINT/RDZV_ID, NO_MULTICAST=1, RUN_SH_DRY=1
 EOF
 }
 
@@ -93,42 +95,49 @@ launch_torchrun() {
     exit "$status"
 }
 
-# Import names of requirements.txt that fail to import, space separated.
-missing_modules() {
-    "$PYTHON" - <<'EOF'
-import importlib
-import re
+# The packages of requirements file $1 (and of the files it includes with -r) that are not installed, space
+# separated; installed versions other than the pinned ones are noted on stderr.
+missing_packages() {
+    "$PYTHON" - "$1" <<'PY'
+import sys
+from importlib import metadata
+
+
+def pins(path):
+    for line in open(path):
+        spec = line.split("#", 1)[0].strip()
+        if spec.startswith("-r "):
+            yield from pins(spec[3:].strip())
+        elif spec:
+            requirement, _, marker = spec.partition(";")
+            name, _, version = requirement.partition("==")
+            yield name.strip(), version.strip(), marker
+
 
 missing = []
-for line in open("requirements.txt"):
-    name = line.split("#", 1)[0].strip()
-    if not name:
+for name, pinned, marker in pins(sys.argv[1]):
+    if "linux" in marker and not sys.platform.startswith("linux"):
         continue
-    module = re.split(r"[\s\[<>=!~;@]", name, maxsplit=1)[0].replace("-", "_").lower()
     try:
-        importlib.import_module(module)
-    except Exception:
-        missing.append(module)
+        installed = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        missing.append(name)
+        continue
+    if pinned and installed.split("+")[0] != pinned:
+        print(f"run.sh: note: {name} {installed} is installed; {sys.argv[1]} pins {pinned}", file=sys.stderr)
 print(" ".join(missing))
-EOF
+PY
 }
 
-# Install torch ($1) if it does not import, then requirements.txt if anything else is missing.
+# Install requirements file $1 when one of its packages is missing.
 ensure_requirements() {
-    local torch_spec="$1" out need_torch=0 module
-    local -a missing rest=()
-    out="$(missing_modules)"
+    local out
+    local -a missing
+    out="$(missing_packages "$1")"
     read -r -a missing <<<"$out"
-    for module in "${missing[@]}"; do
-        if [[ "$module" == torch ]]; then need_torch=1; else rest+=("$module"); fi
-    done
-    if [[ "$need_torch" == 1 ]]; then
-        echo "run.sh: torch does not import; installing $torch_spec" >&2
-        run "$PYTHON" -m pip install "$torch_spec"
-    fi
-    if [[ "${#rest[@]}" -gt 0 ]]; then
-        echo "run.sh: missing Python packages: ${rest[*]}; installing requirements.txt" >&2
-        run "$PYTHON" -m pip install -r requirements.txt
+    if [[ "${#missing[@]}" -gt 0 ]]; then
+        echo "run.sh: missing Python packages: ${missing[*]}; installing $1" >&2
+        run "$PYTHON" -m pip install -r "$1"
     fi
 }
 
@@ -191,7 +200,7 @@ train() {
     fi
     if [[ "$ngpu" -eq 0 ]]; then
         echo "run.sh: no GPU found (no nvidia-smi, or it lists no GPU): running the tiny preset of $script on CPU on the embedded sample (data/sample/), no download." >&2
-        ensure_requirements "${TORCH_SPEC:-torch==2.13.0}"
+        ensure_requirements requirements-cpu.txt
         launch "$PYTHON" "$script" --preset=tiny "$@"
     fi
     local -a torchrun
@@ -219,7 +228,7 @@ train() {
     else
         torchrun+=(--standalone)
     fi
-    ensure_requirements "${TORCH_SPEC:-torch}"
+    ensure_requirements requirements.txt
     fetch_args "$variant" "$@"
     if [[ "${#FETCH_ARGS[@]}" -gt 0 ]]; then
         run "$PYTHON" "${FETCH_ARGS[@]}"
@@ -238,7 +247,7 @@ case "${1:-}" in
         ;;
     test)
         shift
-        ensure_requirements "${TORCH_SPEC:-torch==2.13.0}"
+        ensure_requirements requirements-test.txt
         launch "$PYTHON" -m pytest -q tests "$@"
         ;;
     -h | --help)

@@ -222,9 +222,15 @@ def parse_log(
     recorded as assumed) and group label (default "modded-nanogpt:<file stem>").
     """
     path = Path(path)
+    if path.suffix == ".jsonl" and path.with_suffix(".txt").is_file():
+        path = path.with_suffix(".txt")  # the text log says more (how the run ended, where it was resumed from)
     lines = _read_lines(path)
-    if lines[0].startswith("run_id:"):
+    if path.suffix == ".jsonl":
+        run = _parse_records(path, lines)
+    elif lines[0].startswith("run_id:"):
         run = _parse_train_gpt(path, lines)
+        if path.with_suffix(".jsonl").is_file():
+            _take_exact_values(run, path.with_suffix(".jsonl"))
     elif any(line.rstrip() == MODDED_SEPARATOR for line in lines):
         run = _parse_modded(path, lines, batch_tokens, label)
     else:
@@ -239,6 +245,59 @@ def parse_log(
         end = f"'{RUN_END}' line" if run.log_format == TRAIN_GPT_FORMAT else "final validation line (step N/N)"
         raise LogError(path, f"truncated log: no {end} (run killed or still running?), {progress(run)}")
     return run
+
+
+def _records(path: Path, lines: list[str]) -> list[dict[str, Any]]:
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno < len(lines):  # the last line may be half-written by a killed run
+                raise LogError(path, "not a JSON Lines record", lineno) from None
+    if not records or not isinstance(records[0], dict) or "config" not in records[0]:
+        raise LogError(path, "not a run's records (the first should hold its config)", 1)
+    return records
+
+
+def _parse_records(path: Path, lines: list[str]) -> Run:
+    """A run from its <run_id>.jsonl alone: the records of its step and validation lines, exact."""
+    first, *steps = _records(path, lines)
+    config = first["config"]
+    run = Run(path=path, run_id=first.get("run_id", path.stem), baseline=first.get("baseline", "?"), group="",
+              config=config, python=first.get("python"), torch=first.get("torch"), cuda=first.get("cuda"))
+    if run.baseline not in ARCH_DEFAULTS:
+        raise LogError(path, f"unknown baseline {run.baseline!r}")
+    run.group = group_label(run.baseline, config)
+    run.group_key = (TRAIN_GPT_FORMAT, run.baseline, json.dumps({k: v for k, v in config.items()
+                                                                 if k not in OUTPUT_FIELDS}, sort_keys=True))
+    run.num_steps = config.get("num_iterations")
+    for record in steps:
+        _add_record(run, record)
+    run.ended = run.complete = any(step == run.num_steps for step, _, _ in run.val)
+    return run
+
+
+def _add_record(run: Run, record: dict[str, Any]) -> None:
+    step, ms = int(record["step"]), float(record["train_time_ms"])
+    if "val_loss" in record:
+        run.val.append((step, float(record["val_loss"]), ms))
+    else:
+        run.train.append((step, ms))
+        run.train_losses.append((step, float(record["train_loss"])))
+        run.lr_mults.append((step, float(record["lr_mult"])))
+
+
+def _take_exact_values(run: Run, records_path: Path) -> None:
+    """The text log's rounded losses and times replaced by its records' exact ones, where they hold every point."""
+    try:
+        shadow = Run(path=records_path, run_id=run.run_id, baseline=run.baseline, group="", config=run.config)
+        for record in _records(records_path, _read_lines(records_path))[1:]:
+            _add_record(shadow, record)
+    except (LogError, KeyError, ValueError, TypeError):
+        return
+    if [s for s, _, _ in shadow.val] == [s for s, _, _ in run.val] and len(shadow.train) == len(run.train):
+        run.val, run.train, run.train_losses = shadow.val, shadow.train, shadow.train_losses
 
 
 def _parse_train_gpt(path: Path, lines: list[str]) -> Run:

@@ -302,9 +302,9 @@ class Sweep:
     """Runs the jobs on the devices, J at a time per device, and keeps the manifest."""
 
     def __init__(self, jobs: list[Job], devices: list[str | None], jobs_per_device: int, out: Path,
-                 meta: dict[str, Any], report: Callable[[str], None]) -> None:
+                 meta: dict[str, Any], report: Callable[[str], None], manifest: str = MANIFEST) -> None:
         self.jobs, self.devices, self.jobs_per_device = jobs, devices, jobs_per_device
-        self.out, self.meta, self.report = out, meta, report
+        self.out, self.meta, self.report, self.manifest = out, meta, report, manifest
         self.running: list[Job] = []
         self.done = 0
 
@@ -378,6 +378,8 @@ class Sweep:
             return
         job.log = self.out / logs[0].name
         os.replace(logs[0], job.log)
+        if logs[0].with_suffix(".jsonl").exists():  # the run's records for other tools go with it
+            os.replace(logs[0].with_suffix(".jsonl"), job.log.with_suffix(".jsonl"))
         if run.val:
             job.final_step, job.final_val_loss = run.val[-1][0], run.val[-1][1]
         if run.complete:
@@ -422,10 +424,10 @@ class Sweep:
         runs = [self.manifest_entry(j) for j in self.jobs if j.status != "pending" and j not in self.running]
         finished = sum(r["status"] != "interrupted" for r in runs)
         data = {**self.meta, "planned": len(self.jobs), "finished": finished, "interrupted": interrupted, "runs": runs}
-        tmp = self.out / f".{MANIFEST}.tmp"
+        tmp = self.out / f".{self.manifest}.tmp"
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         # Replaced in one step: a sweep killed while writing leaves the previous manifest, not half of one.
-        os.replace(tmp, self.out / MANIFEST)
+        os.replace(tmp, self.out / self.manifest)
 
     def manifest_entry(self, job: Job) -> dict[str, Any]:
         def rel(path: Path | None) -> str | None:

@@ -13,6 +13,7 @@ configuration values.
 import argparse
 import dataclasses
 import glob
+import importlib.util
 import inspect
 import json
 import math
@@ -287,16 +288,21 @@ class Config:
     warmup_steps: int = 256  # steps of linear LR warm-up, (step+1)/warmup_steps; 0 = none
     cooldown_frac: float = 0.3  # fraction of the steps over which the LR decays linearly at the end
     final_lr_frac: float = 0.1  # LR multiplier reached at the last step
-    adam_lr: float = 0.0021  # AdamW learning rate, every parameter
+    adam_lr: float = 0.0021  # AdamW learning rate, every parameter without one of its own below
+    embed_lr: float = 0.0  # AdamW learning rate of the embedding (untied only); 0 = adam_lr
+    head_lr: float = 0.0  # AdamW learning rate of the output layer (and the embedding when tied); 0 = adam_lr
     adam_beta1: float = 0.9  # AdamW first-moment decay
     adam_beta2: float = 0.95  # AdamW second-moment decay
     adam_eps: float = 1e-10  # AdamW denominator epsilon
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, times the LR
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, times the LR, every parameter without one of its own
+    embed_weight_decay: float = -1.0  # AdamW weight decay of the embedding (untied only); -1 = weight_decay
+    head_weight_decay: float = -1.0  # AdamW weight decay of the output layer (the tied weight too); -1 = weight_decay
     # evaluation and logging
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards
     val_tokens: int = 10_485_760  # tokens per validation pass
     val_loss_every: int = 125  # steps between validations; 0 = only at the end
-    log_dir: str = "logs"  # folder of the run logs
+    log_dir: str = "logs"  # folder of the run logs: <run_id>.txt, and <run_id>.jsonl for other tools
+    wandb_project: str = ""  # Weights & Biases project that rank 0 also logs to (pip install wandb); "" = none
     # checkpoints
     checkpoint_every: int = 0  # steps between checkpoints, also written at the end; 0 = none
     checkpoint_dir: str = "checkpoints"  # folder of a folder per run, named as its log
@@ -324,9 +330,10 @@ LIMITS: dict[str, str] = dict(
     seq_len="> 0", batch_tokens="> 0", vocab_size="> 0", eot_token=">= 0", num_layers="> 0", model_dim="> 0",
     num_heads="> 0", mlp_ratio="> 0", attn_window="> 0", attn_scale="> 0", rope_base="> 0", logit_softcap=">= 0",
     softcap_temp="> 0", num_iterations="> 0", warmup_steps=">= 0", cooldown_frac="[0, 1]", final_lr_frac="[0, 1]",
-    adam_lr="> 0", adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps=">= 0", weight_decay=">= 0",
-    val_tokens="> 0", val_loss_every=">= 0", checkpoint_every=">= 0", keep_checkpoints=">= 0",
-    seed="[0, 4294967295]", loss_chunk="> 0", activation_budget="(0, 1]", warmup_compile_steps=">= 0",
+    adam_lr="> 0", embed_lr=">= 0", head_lr=">= 0", adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps=">= 0",
+    weight_decay=">= 0", embed_weight_decay="-1 or >= 0", head_weight_decay="-1 or >= 0", val_tokens="> 0",
+    val_loss_every=">= 0", checkpoint_every=">= 0", keep_checkpoints=">= 0", seed="[0, 4294967295]",
+    loss_chunk="> 0", activation_budget="(0, 1]", warmup_compile_steps=">= 0",
 )
 CHOICES: dict[str, tuple[str, ...]] = dict(param_dtype=("bfloat16", "float32"), preset=("", *PRESETS))
 # topics of fields that may differ on resume without --resume_changes: how (not what) to compute, where
@@ -337,6 +344,9 @@ class ConfigError(ValueError):
     """A configuration refused before anything starts: one line per problem."""
 
 def in_limits(value: float, rule: str) -> bool:
+    if " or " in rule:  # a sentinel, then the range: "-1 or >= 0"
+        sentinel, rest = rule.split(" or ", 1)
+        return value == float(sentinel) or in_limits(value, rest)
     if rule in ("> 0", ">= 0"):
         return value > 0 or (rule == ">= 0" and value == 0)
     lo_bracket, lo, hi, hi_bracket = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", rule).groups()
@@ -346,7 +356,7 @@ def in_limits(value: float, rule: str) -> bool:
 
 def config_errors(cfg: Config) -> list[str]:
     """One message per field that is out of range or does not fit with another, on any device."""
-    errors = [f"--{name}={getattr(cfg, name)!r} is out of range: must be {'' if rule[0] in '<>' else 'in '}{rule}"
+    errors = [f"--{name}={getattr(cfg, name)!r} is out of range: must be {'' if rule[0] in '<>-' else 'in '}{rule}"
               for name, rule in LIMITS.items() if not in_limits(getattr(cfg, name), rule)]
     errors += [f"--{name}={getattr(cfg, name)!r}: choose one of {', '.join(map(repr, options))}"
                for name, options in CHOICES.items() if getattr(cfg, name) not in options]
@@ -361,6 +371,8 @@ def config_errors(cfg: Config) -> list[str]:
         errors.append(f"--batch_tokens={cfg.batch_tokens} is not a multiple of --seq_len={cfg.seq_len}")
     if cfg.eot_token >= cfg.vocab_size:
         errors.append(f"--eot_token={cfg.eot_token} is not below --vocab_size={cfg.vocab_size}")
+    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        errors.append(f"--wandb_project={cfg.wandb_project!r} needs the wandb package: pip install wandb")
     if cfg.warmup_steps > cfg.num_iterations:
         errors.append(f"--warmup_steps={cfg.warmup_steps} is longer than the run (--num_iterations="
                       f"{cfg.num_iterations})")
@@ -606,8 +618,18 @@ def build_optimizers(cfg: Config, model: GPT, ops: dict[str, Callable], ctx: "Di
     """The optimizers, and a function that sets their schedules at a step. `ops` and `ctx`: the optimizer's
     ops (select_ops) and the processes, for optimizers that use them."""
     fused = next(model.parameters()).is_cuda
-    adamw = torch.optim.AdamW(model.parameters(), lr=cfg.adam_lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
+
+    def own(lr: float, weight_decay: float) -> tuple[float, float]:  # 0 and -1 follow adam_lr and weight_decay
+        return lr or cfg.adam_lr, weight_decay if weight_decay >= 0 else cfg.weight_decay
+
+    settings = {id(model.lm_head.weight): own(cfg.head_lr, cfg.head_weight_decay)}
+    if model.embed.weight is not model.lm_head.weight:
+        settings[id(model.embed.weight)] = own(cfg.embed_lr, cfg.embed_weight_decay)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}  # equal settings share a group: one by default
+    for p in model.parameters():
+        groups.setdefault(settings.get(id(p), (cfg.adam_lr, cfg.weight_decay)), []).append(p)
+    adamw = torch.optim.AdamW([dict(params=params, lr=lr, weight_decay=wd) for (lr, wd), params in groups.items()],
+                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused)
     optimizers: list[torch.optim.Optimizer] = [adamw]
     check_groups_cover_parameters(model, optimizers)
     for group in adamw.param_groups:
@@ -666,28 +688,42 @@ def folder_problem(folder: str) -> str | None:
 TRAINING_START = "=== training ==="
 
 class RunLog:
-    """Writes to log_dir/<run_id>.txt and stdout, from rank 0 only. Keeps the lines of the training section, which
-    a checkpoint carries into the log of a run resumed from it."""
+    """From rank 0 only: lines to log_dir/<run_id>.txt and stdout; their records (steps, validations and a first
+    one with the configuration) to log_dir/<run_id>.jsonl and to Weights & Biases. Keeps the training section,
+    which a checkpoint carries into the log of a run resumed from it."""
 
     def __init__(self, cfg: Config, ctx: Dist):
-        self.active = ctx.master
+        self.active, self.wandb = ctx.master, None
         self.run_id = f"{BASELINE}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}"
         self.path = os.path.join(cfg.log_dir, f"{self.run_id}.txt")
-        self.training: list[str] | None = None  # lines after "=== training ===", once it is written
+        self.training: list | None = None  # after "=== training ===": its lines, and [line, record] pairs
         if self.active:
             os.makedirs(cfg.log_dir, exist_ok=True)
-            self.file = open(self.path, "w")
+            self.file, self.jsonl = open(self.path, "w"), open(self.path[: -len(".txt")] + ".jsonl", "w")
+            if cfg.wandb_project:
+                import wandb
 
-    def __call__(self, text: str, echo: bool = True) -> None:
+                self.wandb = wandb.init(project=cfg.wandb_project, name=self.run_id, config=dataclasses.asdict(cfg))
+
+    def __call__(self, text: str, echo: bool = True, record: dict | None = None) -> None:
         if self.training is not None:
-            self.training.append(text)
+            self.training.append([text, record] if record else text)
         if text == TRAINING_START:
             self.training = []
         if self.active:
             self.file.write(text + "\n")
             self.file.flush()
+            if record is not None:
+                self.jsonl.write(json.dumps(record) + "\n")
+                self.jsonl.flush()
+            if self.wandb is not None and record is not None and "step" in record:
+                self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
             if echo:
                 print(text, flush=True)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
 
 def write_header(t: "Training", argv: list[str], ops_line: str, checkpoint: dict | None) -> None:
     """Run id, command, the code that runs (this script's source and fast_ops.py's), configuration, versions."""
@@ -698,11 +734,13 @@ def write_header(t: "Training", argv: list[str], ops_line: str, checkpoint: dict
     for path in [__file__] + ([fast_ops.__file__] if fast_ops else []):
         with open(path) as f:
             log(f"=== source: {os.path.basename(path)} ===\n{f.read().rstrip()}\n=== end of source ===", echo=False)
-    log(f"config: {json.dumps(dataclasses.asdict(t.cfg))}")
     device, world_size = t.ctx.device, t.ctx.world_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
-    log(f"python: {platform.python_version()}\ntorch: {torch.__version__}\ncuda: {torch.version.cuda}\n"
-        f"device: {name} x{world_size}\nworld_size: {world_size}\ngrad_accum_steps: {t.loader.accum_steps}\n{ops_line}")
+    versions = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda)
+    log(f"config: {json.dumps(dataclasses.asdict(t.cfg))}", record=dict(run_id=log.run_id, baseline=BASELINE,
+                                                                       config=dataclasses.asdict(t.cfg), **versions))
+    log("\n".join(f"{k}: {v}" for k, v in versions.items()) + f"\ndevice: {name} x{world_size}\nworld_size: "
+        f"{world_size}\ngrad_accum_steps: {t.loader.accum_steps}\n{ops_line}")
     if checkpoint is not None:
         log(f"resumed_from: {t.cfg.resume} step:{checkpoint['step']} run:{checkpoint['run_id']}")
         for change in checkpoint["changes"]:
@@ -711,15 +749,16 @@ def write_header(t: "Training", argv: list[str], ops_line: str, checkpoint: dict
     log(f"nvidia-smi:\n{smi.strip() or '(not available)'}", echo=False)
     log(TRAINING_START)
     for line in checkpoint["history"] if checkpoint else []:
-        log(line, echo=False)
+        text, record = line if isinstance(line, list) else (line, None)
+        log(text, echo=False, record=record)
 
 # -----------------------------------------------------------------------------
 # Checkpoints: checkpoint_dir/<run id>/stepNNNNNN.pt, a folder per run (a resumed run writes its own)
 
 CHECKPOINT_FORMAT = 3  # layout version of the checkpoint file
 SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio", "tied_embed")
-CHECKPOINT_KEYS = ("format", "baseline", "script", "run_id", "shape", "config", "model", "optimizers", "step",
-                   "train_ms", "val_losses", "loader", "rng", "history")
+CHECKPOINT_KEYS = ("format", "baseline", "script", "run_id", "torch", "shape", "config", "model", "optimizers",
+                   "step", "train_ms", "val_losses", "loader", "rng", "history")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, or one to resume from that is unreadable, truncated, or from
@@ -733,8 +772,8 @@ def save_checkpoint(t: "Training", step: int, train_ms: float, val_losses: dict[
     path = os.path.join(folder, f"step{step:06d}.pt")
     state = {
         "format": CHECKPOINT_FORMAT, "baseline": BASELINE, "script": os.path.basename(__file__),
-        "run_id": t.log.run_id, "shape": {name: getattr(t.cfg, name) for name in SHAPE_FIELDS},
-        "config": dataclasses.asdict(t.cfg), "model": t.model.state_dict(),
+        "run_id": t.log.run_id, "torch": str(torch.__version__), "config": dataclasses.asdict(t.cfg),
+        "shape": {name: getattr(t.cfg, name) for name in SHAPE_FIELDS}, "model": t.model.state_dict(),
         "optimizers": [opt.state_dict() for opt in t.optimizers], "step": step, "train_ms": train_ms,
         "val_losses": dict(val_losses), "loader": {"file_index": t.loader.file_index, "pos": t.loader.pos},
         "rng": {"cpu": torch.get_rng_state(),
@@ -960,8 +999,11 @@ class StepLines:
         (step, (loss, votes), train_ms), self.pending = self.pending, None
         value, cfg = loss.item(), self.t.cfg
         self.stop = self.stop or (votes.item() > 0 if votes is not None else self.t.signum > 0)
-        self.t.log(f"step:{step}/{cfg.num_iterations} train_loss:{value:.4f} lr_mult:{lr_multiplier(step - 1, cfg):.4f} "
-                   f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
+        lr_mult = lr_multiplier(step - 1, cfg)
+        self.t.log(f"step:{step}/{cfg.num_iterations} train_loss:{value:.4f} lr_mult:{lr_mult:.4f} "
+                   f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms",
+                   record=dict(step=step, train_loss=value, lr_mult=lr_mult, train_time_ms=train_ms,
+                               tokens=step * cfg.batch_tokens))
         if not math.isfinite(value):
             raise Stopped(f"training loss became {value} at step {step}; the run diverged (lower the learning rates?)",
                           f"stopped: loss is {value} at step {step}\n=== end of run ===")
@@ -985,8 +1027,10 @@ def train(t: Training, checkpoint: dict | None) -> dict:
                 stop(t, step, train_ms, val_losses)
             if step not in val_losses and validate:  # a resumed run's first step was validated before its checkpoint
                 val_losses[step] = evaluate(t)
+                record = dict(step=step, val_loss=val_losses[step], train_time_ms=train_ms,
+                              tokens=step * cfg.batch_tokens)
                 t.log(f"step:{step}/{cfg.num_iterations} val_loss:{val_losses[step]:.4f} train_time:{train_ms:.0f}ms "
-                      f"step_avg:{train_ms / max(step, 1):.2f}ms")
+                      f"step_avg:{train_ms / max(step, 1):.2f}ms", record=record)
             if save and t.ctx.master:
                 t.log(f"checkpoint: {save_checkpoint(t, step, train_ms, val_losses)}")
             if save and t.ctx.world_size > 1:
@@ -1048,6 +1092,7 @@ def run(cfg: Config, ctx: Dist, argv: list[str]) -> dict:
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        t.log.close()
         if t.log.active:
             print(f"log: {t.log.path}", flush=True)
 

@@ -1,6 +1,11 @@
 """Optimizer x architecture: the final validation loss of each cell of a 2 x 2 of runs, and the interaction.
 
     python bench/interaction.py log/arch_2x2/*.txt -o img/arch_2x2.png
+    python bench/interaction.py --study DIR -o img/arch_2x2_tuned.png     # a `tune.py --study interaction` folder
+
+With --study, the runs are the study's final seeds of each tuned cell, the table shows each cell's tuned values,
+and Muon's gain over AdamW at each architecture is given as a loss difference (Welch interval) and in steps: the
+difference over the slope of AdamW's own validation curves near their end (stats.loss_slope, the last 4 points).
 
 Each log of train_gpt_A.py (AdamW) or train_gpt_M.py (Muon) falls in a cell by its optimizer and its
 architecture: A's (tied embedding, plain logits) or M's (untied, logit soft-cap 30). Per cell: the runs,
@@ -13,6 +18,7 @@ optimizer's cells against the architecture, with their intervals (logarithmic lo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -23,7 +29,8 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from runlog import Run, final_val_loss, load_runs  # noqa: E402
+from runlog import Run, final_val_loss, load_runs, parse_log  # noqa: E402
+from stats import loss_slope, steps_equivalent, welch_difference  # noqa: E402
 
 OPTIMIZERS = {"A": "AdamW", "M": "Muon"}
 ARCHITECTURES = {(True, 0.0): "A's architecture (tied, plain logits)", (False, 30.0): "M's architecture (untied, soft-cap 30)"}
@@ -75,6 +82,43 @@ def analyse(runs: Sequence[Run]) -> tuple[dict[tuple[str, str], list[float]], di
     return {c: cells[c] for c in order}, effects
 
 
+def study_runs(folder: str) -> tuple[list[Run], dict[str, dict[str, float]]]:
+    """The final-seed runs of a `tune.py --study interaction` folder, and each run spec's tuned values."""
+    with open(os.path.join(folder, "tune.json")) as f:
+        state = json.load(f)
+    finals = state["plan"]["final_seeds"]
+    by_spec: dict[str, list[dict]] = {}
+    for point in state["points"]:
+        by_spec.setdefault(point["run"], []).append(point)
+    runs, tuned = [], {}
+    for spec, points in by_spec.items():
+        best = min((p for p in points if p["seed"] == 0 and p["status"] == "ok"), key=lambda p: p["final_val_loss"])
+        chosen = [p for p in points if p["values"] == best["values"] and p["seed"] < finals and p["status"] == "ok"]
+        if len({p["seed"] for p in chosen}) < finals:
+            raise ValueError(f"{folder}: the study is not finished ({spec}: {len(chosen)} of {finals} final seeds)")
+        tuned[spec] = best["values"]
+        runs += [parse_log(os.path.join(folder, p["log"])) for p in chosen]
+    return runs, tuned
+
+
+def muon_gains(runs: Sequence[Run]) -> list[str]:
+    """Per architecture, Muon - AdamW in final loss (Welch) and in steps of AdamW's own curves near their end."""
+    lines = ["", "| architecture | Muon - AdamW, final val loss | 95% CI | AdamW's slope near the end | in steps |",
+             "|---|---|---|---|---|"]
+    for arch in ARCHITECTURES.values():
+        adamw = [r for r in runs if cell_of(r) == ("AdamW", arch) and r.complete]
+        muon = [r for r in runs if cell_of(r) == ("Muon", arch) and r.complete]
+        d = welch_difference([final_val_loss(r) for r in adamw], [final_val_loss(r) for r in muon])
+        slope = loss_slope(adamw, target=-math.inf)
+        steps = f"{steps_equivalent(d.diff, slope.slope):+.0f}" if slope and slope.slope < 0 else "-"
+        ci = f"{d.lo:+.4f} to {d.hi:+.4f}" if d.lo is not None else d.note
+        per_step = f"{slope.slope:.3g} per step" if slope else "-"
+        lines.append(f"| {arch} | {d.diff:+.4f} | {ci} | {per_step} | {steps} |")
+    lines.append("in steps: the loss difference over AdamW's slope, how many more steps AdamW's curve would take to "
+                 "reach Muon's final loss (positive: Muon is ahead)")
+    return lines
+
+
 def format_report(cells: dict[tuple[str, str], list[float]], effects: dict[str, Estimate]) -> str:
     lines = ["| optimizer | architecture | runs | final val loss, mean | 95% CI |", "|---|---|---|---|---|"]
     for (opt, arch), losses in cells.items():
@@ -117,16 +161,24 @@ def plot(cells: dict[tuple[str, str], list[float]], out: str, title: str) -> Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("logs", nargs="+", help="train_gpt_A.py / train_gpt_M.py logs")
+    parser.add_argument("logs", nargs="*", help="train_gpt_A.py / train_gpt_M.py logs")
+    parser.add_argument("--study", default=None, metavar="DIR", help="a `tune.py --study interaction` folder")
     parser.add_argument("-o", "--output", default=None, help="write the figure to this PNG")
     parser.add_argument("--title", default="optimizer x architecture", help="the figure's title")
     args = parser.parse_args(argv)
+    if bool(args.logs) == bool(args.study):
+        parser.error("give logs, or --study DIR")
     try:
-        cells, effects = analyse(load_runs(args.logs))
-    except ValueError as e:
+        runs, tuned = study_runs(args.study) if args.study else (load_runs(args.logs), {})
+        cells, effects = analyse(runs)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for spec, values in tuned.items():
+        print(f"tuned: {spec}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(values.items())))
     print(format_report(cells, effects))
+    if args.study:
+        print("\n".join(muon_gains(runs)))
     if args.output:
         plot(cells, args.output, args.title)
         print(f"wrote {args.output}")

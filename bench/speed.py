@@ -77,7 +77,7 @@ def run_one(script: str, args, train: str, val: str, log_dir: str) -> str:
     result = subprocess.run(launcher + cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{script} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
-    new = sorted(set(os.listdir(log_dir)) - before)
+    new = sorted(f for f in set(os.listdir(log_dir)) - before if f.endswith(".txt"))
     if len(new) != 1:
         sys.exit(f"{script}: expected one new log in {log_dir}, found {new}")
     return os.path.join(log_dir, new[0])

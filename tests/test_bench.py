@@ -1,5 +1,6 @@
 """bench/: the synthetic shards, the FLOP count behind MFU, and the speed table end to end (tiny, CPU)."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -167,3 +168,39 @@ def test_gpu_only_benchmarks_say_so_on_cpu(tool):
         pytest.skip("a GPU is present")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", tool)], capture_output=True, text=True)
     assert result.returncode == 1 and f"bench/{tool} needs a CUDA GPU" in result.stderr
+
+
+def test_interaction_of_a_tuned_study(tmp_path, capsys):
+    """A `tune.py --study interaction` folder: each cell's tuned values and final seeds, the interaction, and
+    Muon's gain at each architecture as a loss difference and in steps of AdamW's own slope near the end."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_results_tools import curve_log
+
+    interaction = load_bench("interaction")
+    cells = {("A", True, 0.0): (0.004, 4.0), ("A", False, 30.0): (0.003, 4.2), ("M", True, 0.0): (0.08, 3.9),
+             ("M", False, 30.0): (0.05, 3.7)}
+    rng, points = np.random.default_rng(), []
+    for (baseline, tied, cap), (lr, final) in cells.items():
+        spec = f"{baseline} --tied_embed={str(tied).lower()} --logit_softcap={cap}"
+        for seed in range(3):
+            loss = final + rng.normal(0, 0.01)
+            name = f"{baseline}_{tied}_{seed}.txt"
+            # a straight curve of slope -0.01 per step over its last 40 steps
+            curve_log(tmp_path / name, [(0, 10.8)] + [(s, loss + 0.01 * (40 - s)) for s in (10, 20, 30, 40)],
+                      num_steps=40, baseline=baseline, tied_embed=tied, logit_softcap=cap, seed=seed)
+            points.append(dict(run=spec, values={"lr": lr}, seed=seed, status="ok", final_val_loss=loss, log=name))
+        points.append(dict(run=spec, values={"lr": lr * 2}, seed=0, status="diverged", final_val_loss=None, log=None))
+    (tmp_path / "tune.json").write_text(json.dumps({"plan": {"final_seeds": 3}, "points": points}))
+    assert interaction.main(["--study", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tuned: M --tied_embed=true --logit_softcap=0.0: lr=0.08" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| A's") or
+            line.startswith("| M's")}
+    for arch, (adamw, muon) in {"A's architecture (tied, plain logits)": (4.0, 3.9),
+                                "M's architecture (untied, soft-cap 30)": (4.2, 3.7)}.items():
+        cols = [c.strip() for c in rows[arch].split("|")]
+        assert float(cols[2]) == pytest.approx(muon - adamw, abs=0.05)
+        assert cols[4] == "-0.01 per step" and float(cols[5]) == pytest.approx((adamw - muon) / 0.01, abs=5)
+    (tmp_path / "tune.json").write_text(json.dumps({"plan": {"final_seeds": 4}, "points": points}))
+    assert interaction.main(["--study", str(tmp_path)]) == 1
+    assert "the study is not finished" in capsys.readouterr().err

@@ -70,7 +70,8 @@ def test_twins_differ_only_in_the_ablation():
 def test_config_field_names_differ_only_in_optimizer_group():
     a, m = load_script("A").Config, load_script("M").Config
     only = set(a.__dataclass_fields__) ^ set(m.__dataclass_fields__)
-    optimizer_fields = {"adam_lr", "weight_decay", "muon_lr", "muon_momentum", "muon_momentum_start",
+    optimizer_fields = {"adam_lr", "weight_decay", "embed_weight_decay", "head_weight_decay", "muon_lr",
+                        "muon_weight_decay", "adam_weight_decay", "muon_momentum", "muon_momentum_start",
                         "muon_momentum_warmup", "ns_steps", "head_lr", "embed_lr", "scalar_lr"}
     assert only <= optimizer_fields, only - optimizer_fields
 

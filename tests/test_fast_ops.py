@@ -268,7 +268,7 @@ def test_script_alone_in_an_empty_folder_trains_with_the_plain_ops(shards, tmp_p
                                                                         warmup_compile_steps=0)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    (log,) = (tmp_path / "logs").iterdir()
+    (log,) = (tmp_path / "logs").glob("*.txt")
     text = log.read_text()
     assert "\nfast_ops: plain (fast_ops.py not found beside the script)\n" in text
     assert "=== source: fast_ops.py ===" not in text and "=== end of run ===" in text

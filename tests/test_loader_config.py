@@ -248,7 +248,7 @@ def test_nan_loss_stops_with_one_line_and_exit_1(script, shards, tmp_path):
     assert code == 1
     (line,) = err.strip().splitlines()
     assert re.fullmatch(r"error: training loss became (nan|inf) at step \d+; the run diverged.*", line), line
-    (log,) = (tmp_path / "logs").iterdir()
+    (log,) = (tmp_path / "logs").glob("*.txt")
     text = log.read_text()
     assert re.search(r"\nstopped: loss is (nan|inf) at step \d+\n=== end of run ===\n$", text)
     assert out.rstrip().endswith(f"log: {log}")

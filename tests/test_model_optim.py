@@ -804,6 +804,56 @@ def test_adamw_groups_A():
     assert group["eps"] == 1e-10 and group["weight_decay"] == 0.1
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_adamw_groups_of_their_own_for_the_embedding_and_output_layer_A(tied):
+    """Fields of their own for the output layer (the tied weight when tied) and an untied embedding: a group
+    each, the other parameters keep adam_lr and weight_decay; a field left at 0 (lr) or -1 (decay) follows them."""
+    A = load("A")
+    lrs, decays = torch.rand(2).tolist(), torch.rand(2).tolist()
+    cfg = tiny_config(A, tied_embed=tied, head_lr=lrs[0], embed_lr=lrs[1], head_weight_decay=decays[0],
+                      embed_weight_decay=decays[1])
+    model = A.GPT(cfg)
+    (adamw,), _ = optimizers_of(A, cfg, model)
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in adamw.param_groups for p in g["params"]}
+    assert setting[id(model.lm_head.weight)] == (lrs[0], decays[0])
+    assert setting[id(model.embed.weight)] == ((lrs[0], decays[0]) if tied else (lrs[1], decays[1]))
+    assert all(setting[id(p)] == (0.0021, 0.1) for p in model.blocks.parameters())
+    assert len(adamw.param_groups) == (2 if tied else 3)
+    follow = tiny_config(A, tied_embed=tied, head_lr=lrs[0], embed_weight_decay=-1.0)
+    (adamw,), _ = optimizers_of(A, follow, model := A.GPT(follow))
+    setting = {id(p): (g["lr"], g["weight_decay"]) for g in adamw.param_groups for p in g["params"]}
+    assert setting[id(model.lm_head.weight)] == (lrs[0], 0.1) and setting[id(model.embed.weight)] == (
+        (lrs[0], 0.1) if tied else (0.0021, 0.1))
+
+
+def test_muon_decoupled_weight_decay(M):
+    """p <- p * (1 - lr * weight_decay) - lr * NS(update): against the same step without decay, the weight
+    moves by -lr * weight_decay * p, exactly the decay (0, the default, is the SPEC's Muon)."""
+    n = int(torch.randint(8, 40, ()).item())
+    start, g = torch.randn(n, 2 * n), torch.randn(n, 2 * n)
+    lr, wd = 0.05, float(torch.empty(()).uniform_(0.01, 2))
+    moved = []
+    for decay in (wd, 0.0):
+        param = nn.Parameter(start.clone())
+        param.grad = g.clone()
+        M.Muon([param], lr=lr, momentum=0.9, ns_steps=5, weight_decay=decay).step()
+        moved.append(param.detach())
+    assert torch.allclose(moved[0], moved[1] - lr * wd * start, rtol=0, atol=1e-6)
+
+
+def test_adam_weight_decay_is_decoupled_M(M):
+    """With a zero gradient Adam's step is 0, so a decoupled decay alone moves a weight: p <- p * (1 - lr * wd)."""
+    wd = float(torch.empty(()).uniform_(0.001, 0.5))
+    cfg = tiny_config(M, adam_weight_decay=wd)
+    model = M.GPT(cfg)
+    adam = next(o for o in optimizers_of(M, cfg, model)[0] if not isinstance(o, M.Muon))
+    before = model.embed.weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    adam.step()
+    assert torch.allclose(model.embed.weight.detach(), before * (1 - cfg.embed_lr * wd), rtol=1e-6, atol=0)
+
+
 def test_muon_and_adam_groups_M(M):
     cfg = tiny_config(M)
     model = M.GPT(cfg)

@@ -1,0 +1,153 @@
+"""tune.py: the coordinate descent against a known bowl of the fields (a fake runner), resume, divergence and
+crashes, the report and its figure, one real tiny tune on the CPU, and the study's cells."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sweep
+import tune
+from conftest import tiny_args, write_learnable_shards
+
+
+def searches_for(*runs: tuple[str, list[str]], common=()) -> list[tune.Search]:
+    return tune.make_searches(list(runs), list(common))
+
+
+def bowl(optimum: dict[str, float]):
+    """A fake runner: final loss sum_f (log(value_f / optimum_f))^2 + 3; records every point it is asked for."""
+    asked = []
+
+    def run(points):
+        for p in points:
+            asked.append(p)
+            p.status = "ok"
+            p.final_val_loss = 3 + 0.001 * p.seed + sum(math.log(p.values[k] / v) ** 2 for k, v in optimum.items()
+                                                        if k in p.values)
+        return True
+
+    return run, asked
+
+
+def test_the_search_ends_within_one_grid_step_of_the_bowls_minimum(tmp_path):
+    rng = np.random.default_rng()
+    (search,) = searches_for(("M", ["muon_lr", "head_lr", "adam_beta2"]))
+    optimum = {"muon_lr": 0.05 * math.exp(rng.uniform(-1.5, 1.5)), "head_lr": 0.22 * math.exp(rng.uniform(-1.5, 1.5)),
+               "adam_beta2": 0.95}
+    runner, asked = bowl(optimum)
+    state = tune.State(tmp_path, {"test": 1})
+    trace = tune.tune([search], (0.5, 1, 2), 3, 2, state, runner, report=lambda line: None)["M"]
+    for name in ("muon_lr", "head_lr"):
+        assert abs(math.log(trace["best"][name] / optimum[name])) <= math.log(2**0.5) / 2 + 1e-9, (name, trace["best"])
+    assert trace["best"]["adam_beta2"] == 0.95
+    # momentum-like fields move 1 - value: 0.95 -> 0.975 and 0.9, never past 1
+    assert {p.values["adam_beta2"] for p in asked} >= {0.9, 0.975} and max(p.values["adam_beta2"] for p in asked) < 1
+    assert [p.seed for p in trace["finals"]] == [0, 1]
+
+
+def test_the_same_command_again_runs_nothing_more(tmp_path):
+    searches = searches_for(("M", ["muon_lr"]), ("A", ["adam_lr"]))
+    runner, asked = bowl({"muon_lr": 0.1})
+    tune.tune(searches, (0.5, 1, 2), 2, 3, tune.State(tmp_path, {"p": 1}), runner, report=lambda line: None)
+    first = len(asked)
+    again, asked_again = bowl({"muon_lr": 0.1})
+    traces = tune.tune(searches, (0.5, 1, 2), 2, 3, tune.State(tmp_path, {"p": 1}), again, report=lambda line: None)
+    assert first > 0 and asked_again == [] and traces["M"]["best"]["muon_lr"] == 0.1
+    with pytest.raises(tune.TuneError, match="holds another tune"):
+        tune.State(tmp_path, {"p": 2})
+
+
+def test_a_diverged_point_is_the_worst_and_a_crash_is_tried_once_more(tmp_path):
+    """The largest lr diverges: the search goes on and never picks it; a run that crashes once is run again."""
+    (search,) = searches_for(("M", ["muon_lr"]))
+    calls = []
+
+    def run(points):
+        for p in points:
+            calls.append((p.values["muon_lr"], p.seed))
+            first_try = calls.count((p.values["muon_lr"], p.seed)) == 1
+            if p.values["muon_lr"] >= 0.1:
+                p.status, p.final_val_loss = "diverged", math.nan
+            elif p.values["muon_lr"] == 0.025 and first_try:
+                p.status, p.error = "failed", "crashed"
+            else:
+                p.status, p.final_val_loss = "ok", 4 - p.values["muon_lr"]
+        return True
+
+    notes = []
+    trace = tune.tune([search], (0.5, 1, 2), 1, 1, tune.State(tmp_path, {}), run, report=notes.append)["M"]
+    assert trace["best"]["muon_lr"] == 0.05 and math.isinf(trace["tried"]["muon_lr"][0.1])
+    assert calls.count((0.025, 0)) == 2 and notes == ["trying 1 crashed run(s) once more"]
+
+
+def test_the_status_of_a_finished_run_from_its_log(tmp_path):
+    from test_results_tools import curve_log, write_log
+
+    ok = curve_log(tmp_path / "ok.txt", [(0, 10.8), (20, 4.0)], num_steps=20)
+    assert tune.point_status(ok, 0) == ("ok", 4.0, None)
+    up = curve_log(tmp_path / "up.txt", [(20, 9.9)], num_steps=20)  # above its first training loss, 4.05
+    assert tune.point_status(up, 0)[0] == "diverged"
+    nan = write_log(tmp_path / "nan.txt", ["step:1/20 train_loss:nan lr_mult:1.0000 train_time:9ms step_avg:9.00ms",
+                                           "stopped: loss is nan at step 1"])
+    assert tune.point_status(nan, 1)[0] == "diverged"
+    assert tune.point_status(tmp_path / "none.txt", 1) == ("failed", None, "no log (exit 1)")
+
+
+def test_the_report_marks_choices_within_the_seeds_spread_and_draws_the_figure(tmp_path):
+    (search,) = searches_for(("M", ["muon_lr", "head_lr"]))
+    runner, _ = bowl({"muon_lr": 0.05, "head_lr": 0.44})
+    trace = tune.tune([search], (0.5, 1, 2), 1, 3, tune.State(tmp_path, {}), runner, report=lambda line: None)["M"]
+    text = tune.format_report(search, trace)
+    assert "| muon_lr | 0.05 | 0.05 (3.4805) | 0.025: 3.9609, 0.1: 3.9609 | 0.4805 | no |" in text  # head_lr at 0.22
+    assert "| head_lr | 0.22 | 0.44 (3.0000) | 0.22: 3.4805 | 0.4805 | no |" in text
+    assert "final seeds: 3 of 3 ok, mean 3.0010, 95% CI 2.9985 to 3.0035, seed-to-seed std 0.0010" in text
+    tune.draw(search, trace, tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--run", "M"], "no --search field"),
+    (["--run", "M", "--search", "no_such"], "is not a number field"),
+    (["--run", "M", "--search", "tied_embed"], "is not a number field"),
+    (["--run", "A", "--search", "head_lr"], "head_lr starts at 0.0"),
+    (["--run", "M --muon_lr=-1", "--search", "muon_lr"], "--muon_lr=-1.0 is out of range"),
+    (["--study", "interaction", "--run", "M"], "--study brings its own runs"),
+])
+def test_bad_input_is_refused_before_anything_runs(tmp_path, capsys, argv, message):
+    assert tune.main(["--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_study_has_four_cells_each_searched_from_its_stated_start(capsys, tmp_path):
+    """AdamW and Muon, each with A's architecture and with M's; every cell has its fields and a line on where its
+    starting values come from; the dry run prints the first batch."""
+    cells = [(spec, fields) for spec, fields, _ in tune.STUDY["interaction"]]
+    searches = tune.make_searches(cells, [])
+    archs = [(Path(s.spec.script).stem[-1], "tied_embed=true" in s.spec.label or s.spec.label.startswith("A --head"))
+             for s in searches]
+    assert sorted(archs) == [("A", False), ("A", True), ("M", False), ("M", True)]
+    assert all(why for _, _, why in tune.STUDY["interaction"])
+    assert tune.main(["--study", "interaction", "--out", str(tmp_path / "s"), "--dry_run", "--cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 * 3 + 1 and lines[-1].startswith("# then 4 search(es) of 2 round(s), 5 final seeds")
+
+
+def test_a_real_tiny_tune_on_the_cpu(tmp_path, capsys, monkeypatch):
+    """One field, two values, one seed, through sweep.py's machinery and the real script (two runs at once): the
+    lower final loss wins, tune.json holds both points, and the same command again runs nothing."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    train, val = write_learnable_shards(tmp_path, 30_000, 2_000)
+    common = [a for a in tiny_args(train, val, "unused", num_iterations=4, val_loss_every=0, val_tokens=1024,
+                                   warmup_compile_steps=0) if not a.startswith(("--log_dir", "--preset"))]
+    argv = ["--out", str(tmp_path / "out"), "--run", "A --preset=tiny", "--search", "adam_lr", "--grid", "1,2",
+            "--rounds", "1", "--final_seeds", "1", "--cpu", "--jobs_per_gpu", "2", "--", *common]
+    assert tune.main(argv) == 0
+    out = capsys.readouterr().out
+    points = json.loads((tmp_path / "out" / "tune.json").read_text())["points"]
+    assert sorted(p["values"]["adam_lr"] for p in points) == [0.01, 0.02] and {p["status"] for p in points} == {"ok"}
+    best = min(points, key=lambda p: p["final_val_loss"])["values"]["adam_lr"]
+    assert f"| adam_lr | 0.01 | {best:g} (" in out and (tmp_path / "out" / "tune_A_preset-tiny.png").exists()
+    assert out.count("[1/2]") == out.count("[2/2]") == 1
+    assert tune.main(argv) == 0 and "[1/" not in capsys.readouterr().out
