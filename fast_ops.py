@@ -15,10 +15,12 @@ it replaces, so that an edited plain op is refused rather than silently replaced
     gram          triton-tma   Newton-Schulz's symmetric products from the tiles on and above the diagonal
 
 On CPU the plain ops run; the tests run the kernels there under Triton's interpreter (TRITON_INTERPRET=1).
+FAST_OPS_CAPABILITY=8.0 makes a newer GPU choose as an A100 would (the kept-output MLP, plain Gram products).
 """
 import functools
 import math
 import os
+import re
 import types
 from typing import Callable, NamedTuple
 
@@ -41,13 +43,16 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels run on
 # Choosing the implementations, once per run
 
 TMA_CAPABILITY = (9, 0)  # tensor descriptors (TMA) need Hopper or later
+# FAST_OPS_CAPABILITY=8.0: choose as a GPU of that compute capability would, to run an older GPU's path on a newer one
+CAPABILITY_VARIABLE = "FAST_OPS_CAPABILITY"
 # check_fast_ops's bound on the relative difference: rounding gives ~1e-6 in float32 and ~4e-3 in bfloat16;
 # an edited plain op differs by O(1)
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 class Choice(NamedTuple):
-    """Each op's implementation ("plain": the script's own op), and why every op is plain if it is."""
+    """Each op's implementation ("plain": the script's own op), and why every op is plain if it is (or which
+    capability the choice was forced to)."""
 
     impls: dict[str, str]
     reason: str = ""
@@ -59,6 +64,11 @@ def choose(names: list[str], device_type: str, capability: tuple[int, int] | Non
     Triton is present and --fast_ops. On CPU the plain ops run (autograd, as the model section writes them)."""
     if not enabled or device_type != "cuda":
         return Choice({name: "plain" for name in names}, "--fast_ops=false" if not enabled else "no CUDA")
+    forced = os.environ.get(CAPABILITY_VARIABLE, "")
+    if forced:
+        if not re.fullmatch(r"\d+\.\d+", forced):
+            raise ValueError(f"{CAPABILITY_VARIABLE}={forced!r}: expected a compute capability such as 8.0")
+        capability = tuple(int(part) for part in forced.split("."))
     tma = triton_present and capability is not None and capability >= TMA_CAPABILITY
     best = dict(
         rms_norm="kept-output",
@@ -67,14 +77,16 @@ def choose(names: list[str], device_type: str, capability: tuple[int, int] | Non
         output_loss="triton" if triton_present else "chunked",
         gram="triton-tma" if tma else "plain",
     )
-    return Choice({name: best.get(name, "plain") for name in names})
+    reason = f"{CAPABILITY_VARIABLE}={forced}" if forced else ""
+    return Choice({name: best.get(name, "plain") for name in names}, reason)
 
 
 def describe(choice: Choice) -> str:
     """The run log's line, e.g. 'fast_ops: rms_norm=kept-output mlp=triton-tma ...' or 'fast_ops: plain (no CUDA)'."""
     if all(impl == "plain" for impl in choice.impls.values()):
         return f"fast_ops: plain ({choice.reason})"
-    return "fast_ops: " + " ".join(f"{name}={impl}" for name, impl in choice.impls.items())
+    line = "fast_ops: " + " ".join(f"{name}={impl}" for name, impl in choice.impls.items())
+    return f"{line} ({choice.reason})" if choice.reason else line
 
 
 def drop_ins(choice: Choice, plain: dict[str, Callable], loss_chunk: int) -> dict[str, Callable]:

@@ -199,7 +199,8 @@ train() {
         exit 2
     fi
     if [[ "$ngpu" -eq 0 ]]; then
-        echo "run.sh: no GPU found (no nvidia-smi, or it lists no GPU): running the tiny preset of $script on CPU on the embedded sample (data/sample/), no download." >&2
+        echo "run.sh: no GPU found (no nvidia-smi, or it lists no GPU): running the tiny preset of $script" \
+            "on CPU on the embedded sample (data/sample/), no download." >&2
         ensure_requirements requirements-cpu.txt
         launch "$PYTHON" "$script" --preset=tiny "$@"
     fi
@@ -216,7 +217,8 @@ train() {
     fi
     if [[ "$nnodes" -gt 1 ]]; then
         if ! [[ "${NODE_RANK:-}" =~ ^[0-9]+$ && "${NODE_RANK:-}" -lt "$nnodes" ]]; then
-            echo "run.sh: NNODES=$nnodes needs NODE_RANK, the rank of this node (0..$((nnodes - 1))), not '${NODE_RANK:-}'" >&2
+            echo "run.sh: NNODES=$nnodes needs NODE_RANK, the rank of this node (0..$((nnodes - 1)))," \
+                "not '${NODE_RANK:-}'" >&2
             exit 2
         fi
         if [[ -z "${RDZV_ENDPOINT:-}" ]]; then

@@ -170,8 +170,10 @@ def _same_value(value: Any, default: Any) -> bool:
 def _format_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value)
-    if isinstance(value, (int, float)):
-        return repr(float(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
     return str(value)
 
 

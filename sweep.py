@@ -271,7 +271,11 @@ def check_out(out: Path, jobs: Sequence[Job], plan_key: dict[str, Any]) -> list[
         if job.name in finished:
             entry = finished[job.name]
             job.status, job.exit_code, job.log = "ok", entry["exit_code"], out / entry["log"]
-            job.wall_s, job.final_val_loss, job.final_step = entry["wall_time_s"], entry["final_val_loss"], entry["final_step"]
+            job.wall_s, job.final_val_loss, job.final_step = (
+                entry["wall_time_s"],
+                entry["final_val_loss"],
+                entry["final_step"],
+            )
             job.device = None if entry["device"] == "cpu" else entry["CUDA_VISIBLE_DEVICES"]
             done.append(job)
         else:  # a run to do again: what its killed or failed try left goes

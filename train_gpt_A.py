@@ -362,24 +362,21 @@ def config_errors(cfg: Config) -> list[str]:
                for name, options in CHOICES.items() if getattr(cfg, name) not in options]
     if errors:
         return errors
-    if cfg.model_dim % cfg.num_heads or cfg.model_dim // cfg.num_heads % 4:
-        errors.append(f"--model_dim={cfg.model_dim} must split into --num_heads={cfg.num_heads} heads of a "
-                      f"multiple of 4")
-    if cfg.seq_len % FLEX_BLOCK:
-        errors.append(f"--seq_len={cfg.seq_len} must be a multiple of {FLEX_BLOCK} (flex-attention's tile)")
-    if cfg.batch_tokens % cfg.seq_len:
-        errors.append(f"--batch_tokens={cfg.batch_tokens} is not a multiple of --seq_len={cfg.seq_len}")
-    if cfg.eot_token >= cfg.vocab_size:
-        errors.append(f"--eot_token={cfg.eot_token} is not below --vocab_size={cfg.vocab_size}")
-    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
-        errors.append(f"--wandb_project={cfg.wandb_project!r} needs the wandb package: pip install wandb")
-    if cfg.warmup_steps > cfg.num_iterations:
-        errors.append(f"--warmup_steps={cfg.warmup_steps} is longer than the run (--num_iterations="
-                      f"{cfg.num_iterations})")
-    for name in ("log_dir", "checkpoint_dir", "train_files", "val_files"):
-        if not getattr(cfg, name).strip():
-            errors.append(f"--{name}='' names nothing")
-    return errors
+    return [message for broken, message in [
+        (cfg.model_dim % cfg.num_heads or cfg.model_dim // cfg.num_heads % 4,
+         f"--model_dim={cfg.model_dim} must split into --num_heads={cfg.num_heads} heads of a multiple of 4"),
+        (cfg.seq_len % FLEX_BLOCK,
+         f"--seq_len={cfg.seq_len} must be a multiple of {FLEX_BLOCK} (flex-attention's tile)"),
+        (cfg.batch_tokens % cfg.seq_len,
+         f"--batch_tokens={cfg.batch_tokens} is not a multiple of --seq_len={cfg.seq_len}"),
+        (cfg.eot_token >= cfg.vocab_size, f"--eot_token={cfg.eot_token} is not below --vocab_size={cfg.vocab_size}"),
+        (cfg.warmup_steps > cfg.num_iterations,
+         f"--warmup_steps={cfg.warmup_steps} is longer than the run (--num_iterations={cfg.num_iterations})"),
+        (cfg.wandb_project and importlib.util.find_spec("wandb") is None,
+         f"--wandb_project={cfg.wandb_project!r} needs the wandb package: pip install wandb"),
+        *[(not getattr(cfg, name).strip(), f"--{name}='' names nothing")
+          for name in ("log_dir", "checkpoint_dir", "train_files", "val_files")],
+    ] if broken]
 
 def world_size_errors(cfg: Config, world_size: int) -> list[str]:
     """The global batch and the validation pass must split evenly over the processes; the refusal names ways
@@ -1107,17 +1104,18 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
 
 if __name__ == "__main__":
+    says = int(os.environ.get("RANK", 0)) == 0  # every process stops alike; one says why
     try:
         main()
     except (ConfigError, DataError, CheckpointError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # every process refuses; one says why
+        if says:
             print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         sys.exit(2)
     except NothingToDo as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if says:
             print(e)
     except Stopped as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}" if e.exit_code == 1 else str(e), file=sys.stderr)
+        if says:
+            print(f"error: {e}" if e.exit_code == 1 else e, file=sys.stderr)
         # launched by run.sh, whose torchrun would report an interrupted process as failed: run.sh exits 130/143
         sys.exit(0 if e.exit_code > 128 and "RUN_SH_LAUNCHED" in os.environ else e.exit_code)

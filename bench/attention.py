@@ -22,10 +22,14 @@ from synthetic import synthetic_tokens  # noqa: E402
 
 VARIANTS = [  # (name, tile size of the BlockMask, kernel_options)
     ("tile128 default", 128, {}),
-    ("tile128 fwd 128x128 w8 s2", 128, {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2}),
-    ("tile128 bwd 64x64 w4 s3", 128, {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}),
-    ("tile64 64x64 w4 s3", 64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64, "num_warps": 4, "num_stages": 3}),
-    ("tile64 64x64 w8 s2", 64, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64, "num_warps": 8, "num_stages": 2}),
+    ("tile128 fwd 128x128 w8 s2", 128,
+     {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2}),
+    ("tile128 bwd 64x64 w4 s3", 128,
+     {**{f"bwd_BLOCK_{d}{i}": 64 for d in "MN" for i in (1, 2)}, "bwd_num_warps": 4, "bwd_num_stages": 3}),
+    ("tile64 64x64 w4 s3", 64,
+     {**{f"BLOCK_{d}{i}": 64 for d in "MN" for i in ("", 1, 2)}, "num_warps": 4, "num_stages": 3}),
+    ("tile64 64x64 w8 s2", 64,
+     {**{f"BLOCK_{d}{i}": 64 for d in "MN" for i in ("", 1, 2)}, "num_warps": 8, "num_stages": 2}),
 ]
 
 
@@ -79,9 +83,15 @@ def time_varlen(script, cfg, docs, q, k, v, grad_out, reps: int, reference) -> N
     for t in (qv, kv, vv):
         t.grad = None
     fwd, both = median_ms(forward, reps), median_ms(forward_backward, reps)
-    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, reference)) if reference else float("nan")
-    print(f"{'varlen FA2 (' + str(cu.numel() - 1) + ' docs, max ' + str(max_len) + ')':32s} fwd {fwd:6.3f} ms  fwd+bwd {both:6.3f} ms  "
-          f"(x{cfg.num_layers} layers: {both * cfg.num_layers:5.1f} ms)  max diff {diff:.2e}", flush=True)
+    diff = (
+        max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, reference)) if reference else float("nan")
+    )
+    print(
+        f"{'varlen FA2 (' + str(cu.numel() - 1) + ' docs, max ' + str(max_len) + ')':32s} "
+        f"fwd {fwd:6.3f} ms  fwd+bwd {both:6.3f} ms  "
+        f"(x{cfg.num_layers} layers: {both * cfg.num_layers:5.1f} ms)  max diff {diff:.2e}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -90,7 +100,9 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=65536)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--only", nargs="*", type=int, default=None, help="indices of VARIANTS to run")
-    parser.add_argument("--varlen", action="store_true", help="also time FlashAttention-2 varlen (aten) on the same documents")
+    parser.add_argument(
+        "--varlen", action="store_true", help="also time FlashAttention-2 varlen (aten) on the same documents"
+    )
     args = parser.parse_args()
     import torch._dynamo
 
@@ -104,7 +116,10 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, H, args.seq_len, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
     grad_out = torch.randn(1, H, args.seq_len, D, device=device, dtype=torch.bfloat16, generator=gen)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, T={args.seq_len}, {H} heads of {D}, window {cfg.attn_window}")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, T={args.seq_len}, {H} heads of {D}, "
+        f"window {cfg.attn_window}"
+    )
     compiled = torch.compile(script.flex_attention, dynamic=False)
     reference = None
     for i, (name, tile, options) in enumerate(VARIANTS):
@@ -135,7 +150,11 @@ def main() -> None:
         if reference is None:
             reference = outs
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, reference))
-        print(f"{name:32s} fwd {fwd:6.3f} ms  fwd+bwd {both:6.3f} ms  (x{cfg.num_layers} layers: {both * cfg.num_layers:5.1f} ms)  max diff {diff:.2e}", flush=True)
+        print(
+            f"{name:32s} fwd {fwd:6.3f} ms  fwd+bwd {both:6.3f} ms  "
+            f"(x{cfg.num_layers} layers: {both * cfg.num_layers:5.1f} ms)  max diff {diff:.2e}",
+            flush=True,
+        )
     if args.varlen:
         time_varlen(script, cfg, docs, q, k, v, grad_out, args.reps, reference)
 

@@ -16,7 +16,8 @@ export PYTHONUNBUFFERED=1
 train='data/dev/wiki_train_*.bin' val='data/dev/wiki_val_*.bin'
 python sweep.py --seeds 0 1 2 --out "$out/ours" --jobs_per_gpu 4 \
     --run A --run M --run "A --tied_embed=false --logit_softcap=30" --run "M --tied_embed=true --logit_softcap=0" \
-    -- "--train_files=$train" "--val_files=$val" --batch_tokens=65536 --num_iterations=300 --val_loss_every=100 --val_tokens=2097152
+    -- "--train_files=$train" "--val_files=$val" --batch_tokens=65536 --num_iterations=300 --val_loss_every=100 \
+    --val_tokens=2097152
 for v in A M; do
     for seed in 0 1 2; do
         python bench/reference.py "$v" --script "$ref/train_gpt_$v.py" --steps 300 --train "$train" --val "$val" \

@@ -33,7 +33,10 @@ from runlog import Run, final_val_loss, load_runs, parse_log  # noqa: E402
 from stats import loss_slope, steps_equivalent, welch_difference  # noqa: E402
 
 OPTIMIZERS = {"A": "AdamW", "M": "Muon"}
-ARCHITECTURES = {(True, 0.0): "A's architecture (tied, plain logits)", (False, 30.0): "M's architecture (untied, soft-cap 30)"}
+ARCHITECTURES = {
+    (True, 0.0): "A's architecture (tied, plain logits)",
+    (False, 30.0): "M's architecture (untied, soft-cap 30)",
+}
 CONFIDENCE = 0.95
 
 
@@ -72,7 +75,9 @@ def analyse(runs: Sequence[Run]) -> tuple[dict[tuple[str, str], list[float]], di
     order = [("AdamW", arch_a), ("AdamW", arch_m), ("Muon", arch_a), ("Muon", arch_m)]
     missing = [c for c in order if len(cells.get(c, [])) < 2]
     if missing:
-        raise ValueError(f"every cell needs at least 2 complete runs; too few in: {', '.join(f'{o} with {a}' for o, a in missing)}")
+        raise ValueError(
+            f"every cell needs at least 2 complete runs; too few in: {', '.join(f'{o} with {a}' for o, a in missing)}"
+        )
     groups = [cells[c] for c in order]
     effects = {
         "interaction (Muon@M - Muon@A) - (AdamW@M - AdamW@A)": contrast(groups, [1, -1, -1, 1]),
@@ -146,7 +151,9 @@ def plot(cells: dict[tuple[str, str], list[float]], out: str, title: str) -> Non
             means.append(est.mean)
             errs.append(est.hi - est.mean)
             ax.scatter([i] * len(losses), losses, color=color, alpha=0.35, s=14)
-        ax.errorbar(range(len(archs)), means, yerr=errs, color=color, marker="o", capsize=5, label=f"{opt} (mean, 95% CI)")
+        ax.errorbar(
+            range(len(archs)), means, yerr=errs, color=color, marker="o", capsize=5, label=f"{opt} (mean, 95% CI)"
+        )
     ax.set_xticks(range(len(archs)), [a.replace(" (", "\n(") for a in archs])
     ax.set_xlim(-0.4, len(archs) - 0.6)
     ax.set_yscale("log")

@@ -84,7 +84,11 @@ def main() -> None:
         outs = [loss.detach().float(), x.grad.float(), w.grad.float()]
         reference = reference or outs
         diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(outs, reference))
-        print(f"{name:24s} fwd+bwd {ms:7.2f} ms  memory above inputs {extra:8.0f} MiB  loss {loss.item():.5f}  rel diff {diff:.2e}", flush=True)
+        print(
+            f"{name:24s} fwd+bwd {ms:7.2f} ms  memory above inputs {extra:8.0f} MiB  loss {loss.item():.5f}  "
+            f"rel diff {diff:.2e}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ def traceable_kernels():
             setattr(fast_ops, name, fn)
 
 
-def kept_tensors(module, num_layers: int, seq_len: int, model_dim: int, num_heads: int, fast_ops: bool = True) -> dict[str, torch.Tensor]:
+def kept_tensors(
+    module, num_layers: int, seq_len: int, model_dim: int, num_heads: int, fast_ops: bool = True
+) -> dict[str, torch.Tensor]:
     """The distinct non-input tensors (fake, shapes and dtypes only) that the compiled body of a
     bfloat16 `module.GPT` keeps for its backward, by graph node name."""
     torch._dynamo.reset()
@@ -126,9 +128,13 @@ def main() -> None:
     args = parser.parse_args()
     module = load_script(args.script, "bench_memory_" + os.path.splitext(os.path.basename(args.script))[0])
     unit = args.seq_len * args.model_dim * 2
-    small, large = (kept_tensors(module, n, args.seq_len, args.model_dim, args.num_heads, not args.plain) for n in (2, 3))
-    print(f"{args.script} ({'plain' if args.plain else 'fast'} ops), torch {torch.__version__}: T={args.seq_len}, "
-          f"model_dim={args.model_dim}, {args.num_heads} heads; unit = one T x model_dim bfloat16 tensor ({unit:,} bytes)")
+    small, large = (
+        kept_tensors(module, n, args.seq_len, args.model_dim, args.num_heads, not args.plain) for n in (2, 3)
+    )
+    print(
+        f"{args.script} ({'plain' if args.plain else 'fast'} ops), torch {torch.__version__}: T={args.seq_len}, "
+        f"model_dim={args.model_dim}, {args.num_heads} heads; unit = one T x model_dim bfloat16 tensor ({unit:,} bytes)"
+    )
     print("tensors kept by the 3-layer body and not by the 2-layer one (one layer's):")
     counts_small: dict[tuple, int] = {}
     for t in small.values():

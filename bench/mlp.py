@@ -24,7 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import chosen_op, gpu_tool, kernels_of, load_script, median_ms, rel  # noqa: E402
 
 TILES = [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
-MORE_TILES = [(128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (256, 128, 32, 8, 4), (128, 256, 32, 8, 4), (128, 64, 64, 4, 4)]
+MORE_TILES = [
+    (128, 128, 64, 4, 4),
+    (64, 256, 64, 4, 4),
+    (256, 128, 32, 8, 4),
+    (128, 256, 32, 8, 4),
+    (128, 64, 64, 4, 4),
+]
 
 
 def main() -> None:

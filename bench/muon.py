@@ -36,7 +36,9 @@ def gram_products(script, dev: torch.device) -> None:
                 return torch.baddbmm(A, X, X.mT, beta=b, alpha=c) if with_c else torch.bmm(X, X.mT)
             want = cublas()
             ms = gpu_ms(cublas)
-            print(f"{n}x{R}x{K} {name:14s} cuBLAS                {ms:6.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s", flush=True)
+            print(
+                f"{n}x{R}x{K} {name:14s} cuBLAS                {ms:6.3f} ms {flops / ms / 1e9:5.0f} TFLOP/s", flush=True
+            )
             for block, block_k, warps, stages in GRAM_SETTINGS:
                 def run():
                     return kernels_of(script).fused_gram(X, A if with_c else None, b if with_c else 0.0,
@@ -46,11 +48,17 @@ def gram_products(script, dev: torch.device) -> None:
                     got = run()
                     ms = gpu_ms(run)
                 except Exception as e:  # a tile that does not fit in shared memory, say
-                    print(f"{n}x{R}x{K} {name:14s} fused {block}x{block_k} w{warps} s{stages}: {type(e).__name__} {str(e)[:80]}")
+                    print(
+                        f"{n}x{R}x{K} {name:14s} fused {block}x{block_k} w{warps} s{stages}: "
+                        f"{type(e).__name__} {str(e)[:80]}"
+                    )
                     continue
                 differ = (got != want).float().mean().item()
-                print(f"{n}x{R}x{K} {name:14s} fused {block:3d}x{block_k:3d} w{warps} s{stages} {ms:6.3f} ms "
-                      f"{flops / ms / 1e9:5.0f} TFLOP/s (of the full product's FLOPs), {differ:.1e} of elements differ", flush=True)
+                print(
+                    f"{n}x{R}x{K} {name:14s} fused {block:3d}x{block_k:3d} w{warps} s{stages} {ms:6.3f} ms "
+                    f"{flops / ms / 1e9:5.0f} TFLOP/s (of the full product's FLOPs), {differ:.1e} of elements differ",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -92,9 +100,12 @@ def main() -> None:
         queued = start.elapsed_time(end) / args.steps
         ns = []
         for shape in sorted({(min(p.shape[-2:]), max(p.shape[-2:])) for p in matrices}):
-            count = sum(p.numel() // (shape[0] * shape[1]) for p in matrices if (min(p.shape[-2:]), max(p.shape[-2:])) == shape)
+            count = sum(
+                p.numel() // (shape[0] * shape[1]) for p in matrices if (min(p.shape[-2:]), max(p.shape[-2:])) == shape
+            )
             G = torch.randn(count, *shape, device=dev, generator=gen).bfloat16()
-            ns.append(f"NS {count}x{shape[0]}x{shape[1]} {median_ms(lambda: script.newton_schulz(G, cfg.ns_steps, gram_op), 20):.3f} ms")
+            ns_ms = median_ms(lambda: script.newton_schulz(G, cfg.ns_steps, gram_op), 20)
+            ns.append(f"NS {count}x{shape[0]}x{shape[1]} {ns_ms:.3f} ms")
         print(f"{path:30s} step {single:6.3f} ms (synchronised), {queued:6.3f} ms (queued); {'; '.join(ns)}; "
               f"update diff {diff:.1e}", flush=True)
         del model, muon, matrices, grads

@@ -4,15 +4,16 @@
     python bench/qk_norm_rope.py [--script train_gpt_A.py] [--compare OLD_SCRIPT [--compare_pairs]] [--grid] [--reps 50]
 
 The input is the q/k product's output, T x 2C viewed as T x 2H heads x D; the output gradients are made
-inside the compiled graph in the layout flex-attention leaves them (heads-major, transposed). Kernel rows: the fused forward and backward alone,
-with the bytes they must move and the bandwidth that makes, for a few launch settings (the script's
-own marked *; --grid tries more). Op rows: forward + backward, compiled, of a loss made of the
+inside the compiled graph in the layout flex-attention leaves them (heads-major, transposed). Kernel rows: the
+fused forward and backward alone, with the bytes they must move and the bandwidth that makes, for a few launch
+settings (the script's own marked *; --grid tries more). Op rows: forward + backward, compiled, of a loss made of the
 outputs (the same extra work in each row) with the model section's plain op, the script's fast op and,
 with --compare, another version's fast op (one that takes the queries and the keys apart is called twice,
 unless --compare_pairs). Times are GPU time per call, the sum of the kernels' durations from the
-profiler (a synchronised timing of one 0.2 ms kernel would add the host's launch); diff is the largest relative difference
-of the outputs and the input gradient from the plain op's.
+profiler (a synchronised timing of one 0.2 ms kernel would add the host's launch); diff is the largest relative
+difference of the outputs and the input gradient from the plain op's.
 """
+
 import argparse
 import os
 import sys

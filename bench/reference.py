@@ -60,7 +60,9 @@ def run_reference(args: argparse.Namespace) -> str:
         proc = subprocess.run(launcher + [path], cwd=tmp, capture_output=True, text=True)
         logs = sorted(os.listdir(os.path.join(tmp, "logs"))) if os.path.isdir(os.path.join(tmp, "logs")) else []
         if proc.returncode != 0 or len(logs) != 1:
-            raise ReferenceError(f"reference {args.variant} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+            raise ReferenceError(
+                f"reference {args.variant} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
         seed = "unseeded" if args.seed is None else f"seed{args.seed}"
         out = os.path.join(args.log_dir, f"reference_{args.variant}_{seed}_{os.path.splitext(logs[0])[0][:8]}.txt")
         with open(os.path.join(tmp, "logs", logs[0])) as f:

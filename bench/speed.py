@@ -71,7 +71,11 @@ def run_one(script: str, args, train: str, val: str, log_dir: str) -> str:
     cmd = [script, *seq_args, f"--train_files={train}", f"--val_files={val}", f"--num_iterations={args.steps}",
            f"--batch_tokens={args.batch_tokens}", "--val_loss_every=0", f"--val_tokens={args.val_tokens}",
            f"--log_dir={log_dir}", *args.extra]
-    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    launcher = (
+        [sys.executable]
+        if args.nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    )
     before = set(os.listdir(log_dir))
     print("$ " + " ".join(cmd), flush=True)
     result = subprocess.run(launcher + cmd, cwd=ROOT, capture_output=True, text=True)
@@ -97,17 +101,27 @@ def reference_args(args, baseline: str, train: str, val: str, log_dir: str) -> a
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scripts", nargs="+", default=["train_gpt_A.py", "train_gpt_M.py"], help="paths from the repository root")
+    parser.add_argument(
+        "--scripts", nargs="+", default=["train_gpt_A.py", "train_gpt_M.py"], help="paths from the repository root"
+    )
     parser.add_argument("--steps", type=int, default=50, help="timed optimizer steps per script")
     parser.add_argument("--skip", type=int, default=10, help="first steps left out of the mean")
     parser.add_argument("--seq_len", type=int, default=65_536, help="tokens per forward, per GPU")
-    parser.add_argument("--batch_tokens", type=int, default=None, help="tokens per optimizer step (default: seq_len x nproc)")
+    parser.add_argument(
+        "--batch_tokens", type=int, default=None, help="tokens per optimizer step (default: seq_len x nproc)"
+    )
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) through torchrun")
     parser.add_argument("--tiny", action="store_true", help="the tiny preset (the default without a GPU)")
-    parser.add_argument("--peak_tflops", type=float, default=H100_BF16_PEAK_TFLOPS, help="bf16 matrix peak per GPU, for MFU")
+    parser.add_argument(
+        "--peak_tflops", type=float, default=H100_BF16_PEAK_TFLOPS, help="bf16 matrix peak per GPU, for MFU"
+    )
     parser.add_argument("--log_dir", default=None, help="keep the runs' logs here (default: a temporary folder)")
-    parser.add_argument("--reference", default=None, metavar="DIR",
-                        help="folder of the published reference train_gpt_A.py / train_gpt_M.py: run each after ours, same shards")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="DIR",
+        help="folder of the published reference train_gpt_A.py / train_gpt_M.py: run each after ours, same shards",
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further --field=value for every script")
     args = parser.parse_args(argv)
     import torch
@@ -132,7 +146,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # the reference's loader wants more than one batch + 1 tokens in a shard; ours reads the first val_tokens + 1
         train, val = write_synthetic(os.path.join(tmp, "data"), train_tokens, 2 * args.val_tokens + 1)
         print(f"synthetic shards: {train_tokens:,} training tokens ({time.perf_counter() - t0:.1f} s)", flush=True)
-        timed = read_tokens(os.path.join(tmp, "data"), train_tokens)[args.skip * args.batch_tokens : args.steps * args.batch_tokens]
+        timed = read_tokens(os.path.join(tmp, "data"), train_tokens)[
+            args.skip * args.batch_tokens : args.steps * args.batch_tokens
+        ]
         rows = []
         for script in args.scripts:
             run = parse_log(run_one(script, args, train, val, log_dir))
@@ -143,14 +159,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = dict(script=script, ms_per_step=ms, tokens_per_s=tokens_per_s, flops_per_token=flops, mfu=mfu,
                        peak_mib=run.peak_allocated_mib, device=run.device, torch=run.torch, log=run.path.name)
             if args.reference:
-                ref = parse_log(run_reference(reference_args(args, run.baseline, train, val, log_dir)), batch_tokens=args.seq_len)
-                row.update(ref_ms=mean_step_ms(ref, args.skip, args.steps), ref_peak_mib=ref.peak_allocated_mib, ref_log=ref.path.name)
+                ref = parse_log(
+                    run_reference(reference_args(args, run.baseline, train, val, log_dir)), batch_tokens=args.seq_len
+                )
+                row.update(
+                    ref_ms=mean_step_ms(ref, args.skip, args.steps),
+                    ref_peak_mib=ref.peak_allocated_mib,
+                    ref_log=ref.path.name,
+                )
                 row["ratio"] = ms / row["ref_ms"]
             rows.append(row)
 
-    print(f"\n{rows[0]['device']}, torch {rows[0]['torch']}, {time.strftime('%Y-%m-%d')}, synthetic shards, "
-          f"{args.batch_tokens:,} tokens per step ({args.batch_tokens // (args.seq_len * args.nproc)} accumulation steps), "
-          f"mean over steps {args.skip + 1}-{args.steps}")
+    print(
+        f"\n{rows[0]['device']}, torch {rows[0]['torch']}, {time.strftime('%Y-%m-%d')}, synthetic shards, "
+        f"{args.batch_tokens:,} tokens per step ({args.batch_tokens // (args.seq_len * args.nproc)} accumulation "
+        f"steps), "
+        f"mean over steps {args.skip + 1}-{args.steps}"
+    )
     ref_head = " reference ms | ratio | reference peak |" if args.reference else ""
     print("| script | ms per step | tokens per s | MFU | peak memory allocated |" + ref_head)
     print("|---|---|---|---|---|" + ("---|---|---|" if args.reference else ""))

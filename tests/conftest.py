@@ -84,7 +84,9 @@ def learnable_tokens(n: int, rng: np.random.Generator, eot: int = SMALL_EOT) -> 
     return tokens.astype(np.uint16)
 
 
-def write_learnable_shards(folder, train_tokens: int = 200_000, val_tokens: int = 20_000, prefix: str = "t") -> tuple[str, str]:
+def write_learnable_shards(
+    folder, train_tokens: int = 200_000, val_tokens: int = 20_000, prefix: str = "t"
+) -> tuple[str, str]:
     """A training and a validation shard of small-vocabulary learnable text; returns their glob patterns."""
     tokens = learnable_tokens(train_tokens + val_tokens, np.random.default_rng())
     write_shard(os.path.join(folder, f"{prefix}_train_000001.bin"), tokens[:train_tokens])
@@ -94,8 +96,16 @@ def write_learnable_shards(folder, train_tokens: int = 200_000, val_tokens: int 
 
 def tiny_args(train: str, val: str, log_dir, **fields) -> list[str]:
     """The tiny preset with the small vocabulary on the given shards, then `fields` as --name=value."""
-    base = {"preset": "tiny", "vocab_size": SMALL_VOCAB, "eot_token": SMALL_EOT, "train_files": train, "val_files": val,
-            "log_dir": log_dir, "warmup_steps": 0, **fields}  # A's preset warms up for 10 steps, more than most tests run
+    base = {
+        "preset": "tiny",
+        "vocab_size": SMALL_VOCAB,
+        "eot_token": SMALL_EOT,
+        "train_files": train,
+        "val_files": val,
+        "log_dir": log_dir,
+        "warmup_steps": 0,
+        **fields,
+    }  # A's preset warms up for 10 steps, more than most tests run
     return [f"--{k}={v}" for k, v in base.items()]
 
 

@@ -118,7 +118,9 @@ def test_hellaswag_packs_candidates_as_documents_without_changing_their_losses(g
 
 def test_hellaswag_refuses_missing_or_malformed_data(gpt2_checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 0}\n{"ctx": "a", "endings": ["b"], "label": 0}\n')
+    bad.write_text(
+        '{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 0}\n{"ctx": "a", "endings": ["b"], "label": 0}\n'
+    )
     for argv, message in (([gpt2_checkpoint, "--data", tmp_path / "none.jsonl"], "no such file"),
                           ([gpt2_checkpoint, "--data", bad], f"{bad}:2: not a HellaSwag example")):
         code, _, err = run(hellaswag, argv, capsys)
@@ -161,7 +163,9 @@ def test_every_run_writes_records_that_other_tools_read(trained):
     (the same values, unrounded); runlog takes the exact values from it, and reads it alone too."""
     log = Path(trained["result"]["log_path"])
     first, *records = [json.loads(line) for line in log.with_suffix(".jsonl").read_text().splitlines()]
-    assert first["run_id"] == log.stem and first["config"]["num_iterations"] == 12 and first["torch"] == torch.__version__
+    assert (
+        first["run_id"] == log.stem and first["config"]["num_iterations"] == 12 and first["torch"] == torch.__version__
+    )
     steps = [r for r in records if "train_loss" in r]
     vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
     assert [r["train_loss"] for r in steps] == trained["result"]["train_losses"]
@@ -199,7 +203,9 @@ def test_wandb_gets_the_records_from_rank_0(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(wandb, "init", init)
     result = load_script("M").main(tiny_args(*shards, tmp_path / "logs", num_iterations=3, val_loss_every=0,
                                              val_tokens=1024, warmup_compile_steps=0, wandb_project="speedrun"))
-    assert [(s, d["train_loss"]) for s, d in logged if "train_loss" in d] == list(zip((1, 2, 3), result["train_losses"]))
+    assert [(s, d["train_loss"]) for s, d in logged if "train_loss" in d] == list(
+        zip((1, 2, 3), result["train_losses"])
+    )
     assert [(s, d["val_loss"]) for s, d in logged if "val_loss" in d] == sorted(result["val_losses"].items())
     (offline_run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert offline_run.stat().st_size > 0
@@ -226,7 +232,9 @@ def test_run_sh_ci_and_the_requirements_agree_on_versions():
     """Every package pinned; GPU and CPU runs differ in torch and triton alone; the tests install the CPU pins
     (.ci/run -> ./run.sh test -> requirements-test.txt -> requirements-cpu.txt); the README states them."""
     root = Path(ROOT)
-    gpu, cpu, test = (pins(root / name) for name in ("requirements.txt", "requirements-cpu.txt", "requirements-test.txt"))
+    gpu, cpu, test = (
+        pins(root / name) for name in ("requirements.txt", "requirements-cpu.txt", "requirements-test.txt")
+    )
     assert {k: v for k, v in gpu.items() if k not in ("torch", "triton")} == \
         {k: v for k, v in cpu.items() if k not in ("torch", "triton")}
     assert set(gpu) == set(cpu) and {**cpu, "pytest": test["pytest"], "wandb": test["wandb"]} == test

@@ -89,7 +89,8 @@ with open(f"logs/{uuid.uuid4()}.txt", "w") as f:
     f.write(f"seed {torch.initial_seed()} files {args.train_files} {args.val_files}\\n" + "=" * 100 + "\\n")
     for step in range(1, args.num_iterations + 1):
         f.write(f"step:{step}/{args.num_iterations} train_time:{10 * step}ms step_avg:10.00ms\\n")
-    f.write(f"step:{args.num_iterations}/{args.num_iterations} val_loss:4.0000 train_time:{10 * args.num_iterations}ms step_avg:10.00ms\\n")
+    f.write(f"step:{args.num_iterations}/{args.num_iterations} val_loss:4.0000 "
+            f"train_time:{10 * args.num_iterations}ms step_avg:10.00ms\\n")
 """
 
 

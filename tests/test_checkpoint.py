@@ -64,7 +64,9 @@ def record_windows(mod, into: list) -> None:
 
 
 def rank_worker(baseline: str, rank: int, world: int, port: int, argv: list[str], out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     mod, windows = load_script(baseline), []
     record_windows(mod, windows)
@@ -117,7 +119,9 @@ def test_resumed_log_carries_the_run_before_it_and_continues_counters(trained, r
     assert times == sorted(times)
     lines, history = training.splitlines(), [h[0] if isinstance(h, list) else h for h in saved["history"]]
     assert lines[: len(history)] == history and history[-1].startswith(f"step:{HALF}/{STEPS} val_loss:")
-    own = re.fullmatch(rf"step:{HALF + 1}/{STEPS} train_loss:\S+ lr_mult:\S+ train_time:(\d+)ms .*", lines[len(history)])
+    own = re.fullmatch(
+        rf"step:{HALF + 1}/{STEPS} train_loss:\S+ lr_mult:\S+ train_time:(\d+)ms .*", lines[len(history)]
+    )
     assert own and int(own.group(1)) >= saved["train_ms"]  # continues from the saved time
     assert training.splitlines()[-1] == "=== end of run ==="
     import runlog
@@ -171,17 +175,24 @@ def test_keep_checkpoints_deletes_older_ones_of_the_run_only(trained, tmp_path):
     other = ckpt / "M_20200101-000000_abcdef" / "step000001.pt"
     other.parent.mkdir(parents=True)
     other.write_bytes(b"another run's")
-    result = mod.main(args_for(trained, tmp_path, num_iterations=5, checkpoint_every=1, val_loss_every=0, keep_checkpoints=2))
+    result = mod.main(
+        args_for(trained, tmp_path, num_iterations=5, checkpoint_every=1, val_loss_every=0, keep_checkpoints=2)
+    )
     run_id = Path(result["log_path"]).stem
     assert sorted(p.name for p in (ckpt / run_id).iterdir()) == ["step000004.pt", "step000005.pt"] and other.exists()
     training = Path(result["log_path"]).read_text().split("\n=== training ===\n")[1]
-    assert training.count("checkpoint deleted: ") == 3 and f"checkpoint deleted: {ckpt / run_id / 'step000003.pt'}" in training
+    assert (
+        training.count("checkpoint deleted: ") == 3
+        and f"checkpoint deleted: {ckpt / run_id / 'step000003.pt'}" in training
+    )
 
 
 def test_resuming_never_deletes_the_checkpoint_resumed_from(trained, resumed, tmp_path):
     """A checkpoint resumed from is a branch point: the resumed run keeps its own newest one in its own folder."""
     before = sorted(resumed["saved"].parent.iterdir())
-    result = trained["mod"].main(args_for(trained, tmp_path, resume=resumed["saved"], checkpoint_every=1, keep_checkpoints=1))
+    result = trained["mod"].main(
+        args_for(trained, tmp_path, resume=resumed["saved"], checkpoint_every=1, keep_checkpoints=1)
+    )
     assert sorted(resumed["saved"].parent.iterdir()) == before
     assert [p.name for p in (tmp_path / "ckpt" / Path(result["log_path"]).stem).iterdir()] == [f"step{STEPS:06d}.pt"]
 
@@ -278,7 +289,9 @@ def test_refuses_truncated_foreign_or_random_file(trained, resumed, tmp_path, mo
     truncated.write_bytes(data[: len(data) // 2])
     torch.save({"step": 3}, foreign)
     noise.write_bytes(np.random.default_rng().bytes(5000))
-    messages = {path: refused(trained["mod"], monkeypatch, trained, tmp_path, path) for path in (truncated, foreign, noise)}
+    messages = {
+        path: refused(trained["mod"], monkeypatch, trained, tmp_path, path) for path in (truncated, foreign, noise)
+    }
     assert "truncated or not a checkpoint" in messages[truncated] and "missing format" in messages[foreign]
     assert "not a checkpoint file of these scripts" in messages[noise]
     for path, message in messages.items():
@@ -291,7 +304,9 @@ def test_refuses_truncated_foreign_or_random_file(trained, resumed, tmp_path, mo
 def test_command_line_prints_refusal_without_traceback(trained, resumed, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(resumed["saved"].read_bytes()[:1000])
-    code, _, err = run_cli(Path(ROOT) / f"train_gpt_{trained['baseline']}.py", args_for(trained, tmp_path, resume=truncated))
+    code, _, err = run_cli(
+        Path(ROOT) / f"train_gpt_{trained['baseline']}.py", args_for(trained, tmp_path, resume=truncated)
+    )
     assert code == 2 and err.startswith(f"error: {truncated}: truncated or not a checkpoint")
     assert not (tmp_path / "logs").exists()
 

@@ -41,8 +41,17 @@ def free_port() -> int:
 
 
 def args_for(tmp: str, world: int, micro_batches: int) -> list[str]:
-    return tiny_args(f"{tmp}/t_train_*.bin", f"{tmp}/t_val_*.bin", f"{tmp}/logs{world}", batch_tokens=micro_batches * SEQ_LEN,
-                     seq_len=SEQ_LEN, num_iterations=STEPS, val_loss_every=0, val_tokens=4 * SEQ_LEN, warmup_compile_steps=1)
+    return tiny_args(
+        f"{tmp}/t_train_*.bin",
+        f"{tmp}/t_val_*.bin",
+        f"{tmp}/logs{world}",
+        batch_tokens=micro_batches * SEQ_LEN,
+        seq_len=SEQ_LEN,
+        num_iterations=STEPS,
+        val_loss_every=0,
+        val_tokens=4 * SEQ_LEN,
+        warmup_compile_steps=1,
+    )
 
 
 def native_thread_names() -> list[str]:
@@ -50,13 +59,17 @@ def native_thread_names() -> list[str]:
 
 
 def worker(rank: int, world: int, port: int, baseline: str, tmp: str, micro_batches: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     result = load_script(baseline).main(args_for(tmp, world, micro_batches))
     state = {k: v.detach().clone() for k, v in result["model"].state_dict().items()}
     threads = native_thread_names() if os.path.isdir("/proc/self/task") else []
-    torch.save({"state": state, "train_losses": result["train_losses"], "val": result["val_losses"], "threads": threads},
-               f"{tmp}/result_{world}_{rank}.pt")
+    torch.save(
+        {"state": state, "train_losses": result["train_losses"], "val": result["val_losses"], "threads": threads},
+        f"{tmp}/result_{world}_{rank}.pt",
+    )
 
 
 def run_processes(world: int, baseline: str, tmp: str, micro_batches: int) -> list[dict]:
@@ -129,7 +142,9 @@ def orthogonalize_worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     module = load_script("M")  # before the process group, as in the script itself
     torch.distributed.init_process_group("gloo")
-    muon = module.Muon([torch.zeros(2, 2, requires_grad=True)], lr=0.1, momentum=0.9, ns_steps=5, rank=rank, world_size=world)
+    muon = module.Muon(
+        [torch.zeros(2, 2, requires_grad=True)], lr=0.1, momentum=0.9, ns_steps=5, rank=rank, world_size=world
+    )
     for i, updates in enumerate(torch.load(f"{tmp}/updates.pt")):
         torch.save(muon.orthogonalize(updates, 5), f"{tmp}/ortho_{i}_{rank}.pt")
     torch.distributed.destroy_process_group()

@@ -24,8 +24,17 @@ def test_small_vocabulary_run_trains_and_loss_falls(trained):
 def test_tiny_preset_as_shipped_trains_on_the_embedded_sample(baseline, tmp_path):
     """The preset's own data and GPT-2 vocabulary (no overrides but the length): the loss falls from
     about ln(50,304) within a few steps."""
-    result = load_script(baseline).main(["--preset=tiny", f"--log_dir={tmp_path}", "--num_iterations=4", "--warmup_steps=0",
-                                         "--val_loss_every=0", "--val_tokens=2048", "--warmup_compile_steps=0"])
+    result = load_script(baseline).main(
+        [
+            "--preset=tiny",
+            f"--log_dir={tmp_path}",
+            "--num_iterations=4",
+            "--warmup_steps=0",
+            "--val_loss_every=0",
+            "--val_tokens=2048",
+            "--warmup_compile_steps=0",
+        ]
+    )
     losses = result["train_losses"]
     assert losses[0] == pytest.approx(math.log(50304), abs=0.5) and losses[-1] < losses[0] - 0.3, losses
 
@@ -78,7 +87,9 @@ def test_config_field_names_differ_only_in_optimizer_group():
 
 @pytest.mark.parametrize("baseline", ["A", "M"])
 def test_download_tool_knows_each_baselines_data_needs(baseline):
-    spec = importlib.util.spec_from_file_location("cached_fineweb10B", os.path.join(ROOT, "data", "cached_fineweb10B.py"))
+    spec = importlib.util.spec_from_file_location(
+        "cached_fineweb10B", os.path.join(ROOT, "data", "cached_fineweb10B.py")
+    )
     download = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(download)
     cfg = load_script(baseline).Config()

@@ -73,6 +73,18 @@ def test_choice_for_an_h100_an_a100_a_gpu_without_triton_and_the_cpu():
     assert "gram" not in describe(choose(NAMES[:4], "cuda", H100, True, True))
 
 
+def test_a_forced_capability_chooses_as_that_gpu_and_says_so(monkeypatch):
+    """FAST_OPS_CAPABILITY=8.0 on an H100: the A100's choice, named in the log line; a malformed value refused."""
+    monkeypatch.setenv("FAST_OPS_CAPABILITY", "8.0")
+    assert fast_ops.describe(fast_ops.choose(NAMES, "cuda", H100, True, True)) == (
+        "fast_ops: rms_norm=kept-output qk_norm_rope=triton mlp=kept-output output_loss=triton gram=plain "
+        "(FAST_OPS_CAPABILITY=8.0)")
+    assert fast_ops.describe(fast_ops.choose(NAMES, "cpu", None, True, True)) == "fast_ops: plain (no CUDA)"
+    monkeypatch.setenv("FAST_OPS_CAPABILITY", "sm80")
+    with pytest.raises(ValueError, match="FAST_OPS_CAPABILITY='sm80'"):
+        fast_ops.choose(NAMES, "cuda", H100, True, True)
+
+
 def test_the_script_asks_for_its_own_ops_and_says_which_ran():
     ops, line = M.select_ops(M.Config(), torch.device("cpu"))
     assert line == "fast_ops: plain (no CUDA)" and ops == plain_table()
@@ -282,14 +294,18 @@ def test_model_loss_does_not_depend_on_loss_chunk():
     tokens = random_tokens(257, "mixed")
     losses, grads = [], []
     for cfg in cfgs:
-        loss_op = functools.partial(fast_ops.fast_output_loss, chunk=cfg.loss_chunk, chunk_loss=fast_ops.logit_loss_grad)
+        loss_op = functools.partial(
+            fast_ops.fast_output_loss, chunk=cfg.loss_chunk, chunk_loss=fast_ops.logit_loss_grad
+        )
         chunked = M.GPT(cfg, {**plain_table(), "output_loss": loss_op})
         chunked.load_state_dict(model.state_dict())
         loss = chunked(tokens[:-1], tokens[1:])
         loss.backward()
         losses.append(loss.item())
         grads.append(torch.cat([p.grad.flatten() for p in chunked.parameters()]))
-    assert losses[1] == pytest.approx(losses[0], rel=CHUNK_RTOL) and losses[2] == pytest.approx(losses[0], rel=CHUNK_RTOL)
+    assert losses[1] == pytest.approx(losses[0], rel=CHUNK_RTOL) and losses[2] == pytest.approx(
+        losses[0], rel=CHUNK_RTOL
+    )
     for g in grads[1:]:
         assert relative_error(g, grads[0]) < CHUNK_RTOL
 
@@ -369,7 +385,11 @@ KERNEL_NORM_ROPE_RTOL = {torch.float32: (5e-7, 4e-7, 4e-5), torch.bfloat16: (3e-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norm_rope_kernels_match_the_plain_op(dtype):
-    B, T, H = int(torch.randint(1, 3, ()).item()), int(torch.randint(1, 80, ()).item()), int(torch.randint(1, 3, ()).item())
+    B, T, H = (
+        int(torch.randint(1, 3, ()).item()),
+        int(torch.randint(1, 80, ()).item()),
+        int(torch.randint(1, 3, ()).item()),
+    )
     D = [16, 32, 64][int(torch.randint(0, 3, ()).item())]
     block_t = [8, 16, 32][int(torch.randint(0, 3, ()).item())]
     qkv = (torch.randn(B, T, 3 * H * D) * float(torch.empty(()).uniform_(0.1, 10))).to(dtype)

@@ -34,7 +34,10 @@ def test_rank_slices_cover_the_step_window_at_any_world_size(script, tmp_path, w
     seq_len, micro = 16, 8
     tokens = random_tokens(5 * micro * seq_len + 7)
     write_shard(tmp_path / "t_000001.bin", tokens)
-    loaders = [script.TrainLoader(str(tmp_path / "t_*.bin"), micro * seq_len, seq_len, r, world_size, CPU) for r in range(world_size)]
+    loaders = [
+        script.TrainLoader(str(tmp_path / "t_*.bin"), micro * seq_len, seq_len, r, world_size, CPU)
+        for r in range(world_size)
+    ]
     for step in range(3):
         seen = {}
         for rank, loader in enumerate(loaders):
@@ -60,7 +63,16 @@ def test_loader_moves_to_next_shard_when_window_does_not_fit(script, tmp_path):
     for _ in range(5):
         inputs, _ = loader.next_step()[0]
         shard = first if loader.file_index == 0 else second
-        starts.append((loader.file_index, int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(shard, seq_len) == inputs.numpy(), axis=1))[0])))
+        starts.append(
+            (
+                loader.file_index,
+                int(
+                    np.flatnonzero(
+                        np.all(np.lib.stride_tricks.sliding_window_view(shard, seq_len) == inputs.numpy(), axis=1)
+                    )[0]
+                ),
+            )
+        )
     assert starts == [(0, 0), (0, batch), (1, 0), (1, batch), (1, 2 * batch)]
     with pytest.raises(script.DataError, match="exhausted"):
         loader.next_step()
@@ -143,7 +155,12 @@ def test_every_wrong_field_gets_its_own_message(script):
         script.parse_config(["--model_dim=0", "--adam_beta1=1.5", "--attn_window=0", "--cooldown_frac=2"])
     lines = str(e.value).splitlines()
     assert len(lines) == 4 and all(" is out of range: must be " in line for line in lines)
-    assert sorted(line.split("=")[0] for line in lines) == ["--adam_beta1", "--attn_window", "--cooldown_frac", "--model_dim"]
+    assert sorted(line.split("=")[0] for line in lines) == [
+        "--adam_beta1",
+        "--attn_window",
+        "--cooldown_frac",
+        "--model_dim",
+    ]
 
 
 def test_every_number_field_has_a_range_and_every_field_its_help(script):
@@ -198,7 +215,9 @@ def test_readme_multi_node_command_runs_as_written():
     proc = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "M", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, **env, "RUN_SH_DRY": "1", "NGPU": "8"}, timeout=120)
     launch = [ln for ln in proc.stdout.splitlines() if "torch.distributed.run" in ln or " torchrun " in ln]
-    assert launch and "--nnodes=2" in launch[-1] and "--nproc_per_node=8" in launch[-1] and args[0] in launch[-1], proc.stdout
+    assert (
+        launch and "--nnodes=2" in launch[-1] and "--nproc_per_node=8" in launch[-1] and args[0] in launch[-1]
+    ), proc.stdout
     M = load_script("M")
     cfg = M.parse_config(args)
     assert M.world_size_errors(cfg, 16) == [] and cfg.batch_tokens == 524_288 and cfg.seq_len * 16 == 524_288
@@ -259,12 +278,17 @@ def test_step_lines_show_training_loss_and_lr_multiplier(script, shards, tmp_pat
     learning-rate multiplier, between the step and the timing fields; the run ends naming its log."""
     result = script.main(run_args(shards, tmp_path, num_iterations=6, val_loss_every=3))
     lines = Path(result["log_path"]).read_text().split("=== training ===\n")[1].splitlines()
-    steps = [re.fullmatch(r"step:(\d+)/6 train_loss:(\S+) lr_mult:(\S+) train_time:\d+ms step_avg:\S+ms", line) for line in lines]
+    steps = [
+        re.fullmatch(r"step:(\d+)/6 train_loss:(\S+) lr_mult:(\S+) train_time:\d+ms step_avg:\S+ms", line)
+        for line in lines
+    ]
     steps = [m for m in steps if m]
     assert [int(m.group(1)) for m in steps] == [1, 2, 3, 4, 5, 6]
     assert [float(m.group(2)) for m in steps] == pytest.approx(result["train_losses"], abs=5e-5)
     cfg = script.parse_config(run_args(shards, tmp_path, num_iterations=6))
-    assert [float(m.group(3)) for m in steps] == pytest.approx([script.lr_multiplier(s, cfg) for s in range(6)], abs=5e-5)
+    assert [float(m.group(3)) for m in steps] == pytest.approx(
+        [script.lr_multiplier(s, cfg) for s in range(6)], abs=5e-5
+    )
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"log: {result['log_path']}"
 
 
@@ -276,16 +300,30 @@ def test_log_holds_source_config_and_versions(script, shards, tmp_path):
     config = json.loads(next(line for line in text.splitlines() if line.startswith("config: "))[len("config: "):])
     assert config == dataclasses.asdict(script.parse_config(args))
     assert config["seed"] == 5 and config["num_iterations"] == 2
-    for key in ("python: ", "torch: ", "device: cpu", "world_size: 1", "grad_accum_steps: 8", "baseline: " + script.BASELINE):
+    for key in (
+        "python: ",
+        "torch: ",
+        "device: cpu",
+        "world_size: 1",
+        "grad_accum_steps: 8",
+        "baseline: " + script.BASELINE,
+    ):
         assert key in text
     assert "step:1/2 val_loss:" in text and "step:2/2 train_loss:" in text
 
 
 def test_cli_refusals_exit_2_with_one_line_per_problem_and_no_log(tmp_path):
-    cases = ((["--bogus=1"], ["error: unknown field --bogus (see --help)"]),
-             (["--preset=tiny", f"--train_files={tmp_path}/x_*.bin", f"--log_dir={tmp_path}/logs"], ["error: no data files match"]),
-             (["--model_dim=0", "--adam_beta1=1.5", f"--log_dir={tmp_path}/logs"],
-              ["error: --model_dim=0 is out of range", "error: --adam_beta1=1.5 is out of range"]))
+    cases = (
+        (["--bogus=1"], ["error: unknown field --bogus (see --help)"]),
+        (
+            ["--preset=tiny", f"--train_files={tmp_path}/x_*.bin", f"--log_dir={tmp_path}/logs"],
+            ["error: no data files match"],
+        ),
+        (
+            ["--model_dim=0", "--adam_beta1=1.5", f"--log_dir={tmp_path}/logs"],
+            ["error: --model_dim=0 is out of range", "error: --adam_beta1=1.5 is out of range"],
+        ),
+    )
     for args, starts in cases:
         code, out, err = run_cli(os.path.join(ROOT, "train_gpt_M.py"), args, cwd=tmp_path)
         lines = err.strip().splitlines()

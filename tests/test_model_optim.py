@@ -106,7 +106,9 @@ def reference_rope(x_BTHD, base):
     """Truncated RoPE in float64: D/4 frequencies (1/base)^linspace(0,1,D/4), then D/4 zeros;
     y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos over the two halves of the head vector."""
     T, D = x_BTHD.size(1), x_BTHD.size(3)
-    freqs = torch.cat([(1.0 / base) ** torch.linspace(0, 1, D // 4, dtype=torch.float64), torch.zeros(D // 4, dtype=torch.float64)])
+    freqs = torch.cat(
+        [(1.0 / base) ** torch.linspace(0, 1, D // 4, dtype=torch.float64), torch.zeros(D // 4, dtype=torch.float64)]
+    )
     angle = torch.arange(T, dtype=torch.float64)[:, None] * freqs[None, :]
     cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
     x1, x2 = x_BTHD.double()[..., : D // 2], x_BTHD.double()[..., D // 2 :]
@@ -252,7 +254,9 @@ def test_block_mask_tile_classification(mod, T):
             assert partial.max() <= 1 and full.max() <= 1, f"{where}: a tile listed twice"
             assert not (partial.bool() & full.bool()).any(), f"{where}: a tile both partial and full"
             assert torch.equal(full.bool(), all_allowed), f"{where}: full tiles != tiles with all pairs allowed"
-            assert torch.equal((partial + full).bool(), any_allowed), f"{where}: listed tiles != tiles with any pair allowed"
+            assert torch.equal(
+                (partial + full).bool(), any_allowed
+            ), f"{where}: listed tiles != tiles with any pair allowed"
 
 
 def test_block_mask_mask_mod_is_the_spec_mask(mod):
@@ -299,11 +303,17 @@ def test_rope_tables_are_float32_cos_and_sin_of_the_truncated_angles(mod, D):
     base, T = float(torch.empty(()).uniform_(10, 5000)), int(torch.randint(1, 3000, ()).item())
     cos, sin = mod.rope_tables(T, D, base)
     assert cos.shape == sin.shape == (1, T, 1, D // 2) and cos.dtype == sin.dtype == torch.float32
-    freqs = torch.cat([(1.0 / base) ** torch.linspace(0, 1, D // 4, dtype=torch.float64), torch.zeros(D // 4, dtype=torch.float64)])
+    freqs = torch.cat(
+        [(1.0 / base) ** torch.linspace(0, 1, D // 4, dtype=torch.float64), torch.zeros(D // 4, dtype=torch.float64)]
+    )
     angle = torch.arange(T, dtype=torch.float64)[:, None] * freqs
     tol = 8 * T * torch.finfo(torch.float32).eps
-    assert (cos[0, :, 0].double() - angle.cos()).abs().max() < tol and (sin[0, :, 0].double() - angle.sin()).abs().max() < tol
-    assert torch.equal(cos[0, :, 0, D // 4 :], torch.ones(T, D // 4)) and torch.equal(sin[0, :, 0, D // 4 :], torch.zeros(T, D // 4))
+    assert (cos[0, :, 0].double() - angle.cos()).abs().max() < tol and (
+        sin[0, :, 0].double() - angle.sin()
+    ).abs().max() < tol
+    assert torch.equal(cos[0, :, 0, D // 4 :], torch.ones(T, D // 4)) and torch.equal(
+        sin[0, :, 0, D // 4 :], torch.zeros(T, D // 4)
+    )
 
 
 def test_model_rounds_rope_tables_to_bfloat16_with_its_parameters(mod):
@@ -758,7 +768,15 @@ def test_muon_momentum_warmup(M):
     optimizers, set_schedule = optimizers_of(M, cfg, M.GPT(cfg))
     muon = [o for o in optimizers if isinstance(o, M.Muon)]
     assert len(muon) == 1
-    for step, expected in [(0, 0.85), (75, 0.875), (150, 0.90), (299, 0.85 + 0.1 * 299 / 300), (300, 0.95), (301, 0.95), (2499, 0.95)]:
+    for step, expected in [
+        (0, 0.85),
+        (75, 0.875),
+        (150, 0.90),
+        (299, 0.85 + 0.1 * 299 / 300),
+        (300, 0.95),
+        (301, 0.95),
+        (2499, 0.95),
+    ]:
         set_schedule(step)
         for group in muon[0].param_groups:
             assert group["momentum"] == pytest.approx(expected, abs=1e-12), step

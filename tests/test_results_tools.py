@@ -852,7 +852,10 @@ def test_against_compares_mean_training_time_with_an_interval(tmp_path, capsys):
     assert rng is not None and stats.main([*base, "--against", *new]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train time [s]"))
     expected = stats.welch_difference([2000 + 20 * i for i in range(3)], [1800 + 40 * i for i in range(3)])
-    assert row.split()[3:6] == ["2.02", "1.84", "-0.18"] and f"{expected.lo / 1000:+.2f} to {expected.hi / 1000:+.2f}" in row
+    assert (
+        row.split()[3:6] == ["2.02", "1.84", "-0.18"]
+        and f"{expected.lo / 1000:+.2f} to {expected.hi / 1000:+.2f}" in row
+    )
 
 
 def test_label_names_the_group_it_follows(tmp_path, capsys):
