@@ -2,7 +2,7 @@ r"""Tune a configuration's fields by coordinate descent, then measure the winner
 
     python tune.py --out DIR --run SPEC [--search FIELD ...] [--run SPEC [--search FIELD ...] ...] \
         [--grid 0.5,1,2] [--rounds N] [--final_seeds K] [--gpus ID ...] [--dry_run] -- COMMON_ARGS
-    python tune.py --out DIR --report                      # the tables and figures of a finished or partial tune
+    python tune.py --out DIR --report      # a finished tune's tables and figures; an unfinished one's points so far
     python tune.py --study interaction --out DIR -- --train_files=... --val_files=... --num_iterations=300
 
 A --run is what sweep.py takes: a baseline letter (A, M) or a script path, with that configuration's own
@@ -23,8 +23,9 @@ nearest neighbour on the grid is within that spread, and shows the neighbours' l
 Resumable: every point is recorded in DIR/tune.json (run, values, seed, final val loss, status, log); the same
 command again reads the finished points and runs only what is missing. Runs go through sweep.py's machinery:
 one single-GPU process per run, K at a time on K GPUs (--gpus, --jobs_per_gpu), a progress line per finished run,
-the logs in DIR. --report prints a table per run (the chosen value of each field, the final seeds' mean and 95%
-interval) and draws DIR/tune_<run>.png (final loss against each field's values, log x, the chosen value marked).
+the logs in DIR. --report (DIR alone: its tune.json holds the plan) prints a table per run (the chosen value of
+each field, the final seeds' mean and 95% interval) and draws DIR/tune_<run>.png (final loss against each field's
+values, log x, the chosen value marked); for an unfinished tune it lists the points so far and exits 1.
 
 --study interaction: the optimizer x architecture 2x2 of docs/interaction.md, every cell tuned on its own (STUDY
 below: the fields and where each starting value comes from), five final seeds a cell; bench/interaction.py
@@ -291,6 +292,27 @@ def format_report(search: Search, trace: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_progress(search: Search, state: State) -> str:
+    """An unfinished tune: the points of this run so far, lowest final loss first."""
+    points = sorted((p for p in state.points.values() if p.run == search.spec.label), key=lambda p: p.loss)
+    lines = [f"run: {search.spec.label} (unfinished: {len(points)} point(s) so far)",
+             "| " + " | ".join(search.fields) + " | seed | status | final val loss |",
+             "|" + "---|" * (len(search.fields) + 3)]
+    for p in points:
+        loss = f"{p.final_val_loss:.4f}" if p.final_val_loss is not None else "-"
+        lines.append("| " + " | ".join(f"{p.values[name]:g}" for name in search.fields) +
+                     f" | {p.seed} | {p.status} | {loss} |")
+    return "\n".join(lines)
+
+
+def saved_plan(out: Path) -> dict[str, Any]:
+    """The plan that DIR/tune.json was made with: its runs, fields, grid, rounds, final seeds and common arguments."""
+    path = out / STATE
+    if not path.exists():
+        raise TuneError(f"--out {out}: no tune there ({path} not found)")
+    return json.loads(path.read_text(encoding="utf-8"))["plan"]
+
+
 def draw(search: Search, trace: dict[str, Any], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -395,6 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args, runs, common = parse(argv)
+        if args.report and not runs:  # the folder's own plan: the command needs only --out
+            saved = saved_plan(args.out)
+            runs, common = [(spec, list(fields)) for spec, fields in saved["runs"]], saved["common_args"]
+            args.grid, args.rounds, args.final_seeds = ",".join(map(str, saved["grid"])), saved["rounds"], \
+                saved["final_seeds"]
         grid = [float(f) for f in args.grid.split(",")]
         if not grid or min(grid) <= 0 or args.rounds < 1 or args.final_seeds < 1 or args.jobs_per_gpu < 1:
             raise TuneError("--grid takes positive factors; --rounds, --final_seeds and --jobs_per_gpu at least 1")
@@ -433,7 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         traces = tune(searches, grid, args.rounds, args.final_seeds, state, runner)
     except TuneError as e:
-        print(f"tune.py: {e}: the tune is not finished; run its command without --report", file=sys.stderr)
+        for search in searches:
+            print(format_progress(search, state) + "\n")
+        print(f"tune.py: {e}: the tune is not finished; its command without --report runs what is missing",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tune.py: interrupted; the same command continues from {state.path}", file=sys.stderr)

@@ -1,4 +1,5 @@
 """bench/: the synthetic shards, the FLOP count behind MFU, and the speed table end to end (tiny, CPU)."""
+import argparse
 import importlib.util
 import json
 import os
@@ -67,6 +68,17 @@ def test_speed_table_runs_tiny_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "| script | ms per step | tokens per s | MFU | peak memory allocated |" in out
     assert out.count("| train_gpt_") == 2
+
+
+def test_full_size_timing_commands_are_accepted_by_both_scripts():
+    """The command speed.py builds for a GPU run (default steps, 65,536-token sequences) passes each script's
+    configuration checks: A's 256 warm-up steps would not fit in 50 steps."""
+    speed = load_speed()
+    args = argparse.Namespace(tiny=False, seq_len=65_536, steps=50, batch_tokens=65_536, val_tokens=65_536, extra=[])
+    for baseline in ("A", "M"):
+        argv = speed.command(f"train_gpt_{baseline}.py", args, "t_*.bin", "v_*.bin", "logs")
+        cfg = load_script(baseline).parse_config(argv[1:])
+        assert (cfg.num_iterations, cfg.seq_len, cfg.warmup_steps) == (50, 65_536, 0)
 
 
 FAKE_REFERENCE = """import os, sys, uuid

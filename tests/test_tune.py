@@ -107,6 +107,31 @@ def test_the_report_marks_choices_within_the_seeds_spread_and_draws_the_figure(t
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_from_the_folder_alone_finished_or_not(tmp_path, capsys):
+    """`tune.py --out DIR --report` reads the plan from DIR/tune.json: an unfinished tune lists its points so far
+    (exit 1), a finished one prints its table and draws its figure (exit 0)."""
+    common = ["--preset=tiny"]
+    (search,) = searches_for(("M", ["muon_lr"]), common=common)
+    plan = {"runs": [["M", ["muon_lr"]]], "grid": [0.5, 1.0, 2.0], "rounds": 1, "final_seeds": 2, "common_args": common}
+    runner, _ = bowl({"muon_lr": 0.1})
+
+    def first_batch_only(points):
+        first_batch_only.calls += 1
+        return runner(points) if first_batch_only.calls == 1 else False
+    first_batch_only.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune([search], (0.5, 1.0, 2.0), 1, 2, tune.State(tmp_path, plan), first_batch_only, report=print)
+    assert tune.main(["--out", str(tmp_path), "--report"]) == 1
+    out = capsys.readouterr()
+    assert "run: M (unfinished: 3 point(s) so far)" in out.out and "| 0.1 | 0 | ok | 3.0000 |" in out.out
+    assert "not finished" in out.err and not list(tmp_path.glob("*.png"))
+    tune.tune([search], (0.5, 1.0, 2.0), 1, 2, tune.State(tmp_path, plan), runner, report=print)
+    assert tune.main(["--out", str(tmp_path), "--report"]) == 0
+    assert "| muon_lr | 0.05 | 0.1 (3.0000) |" in capsys.readouterr().out
+    assert (tmp_path / "tune_M.png").exists()
+    assert tune.main(["--out", str(tmp_path / "elsewhere"), "--report"]) == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--run", "M"], "no --search field"),
     (["--run", "M", "--search", "no_such"], "is not a number field"),
