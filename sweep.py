@@ -310,17 +310,23 @@ class Sweep:
         self.jobs, self.devices, self.jobs_per_device = jobs, devices, jobs_per_device
         self.out, self.meta, self.report, self.manifest = out, meta, report, manifest
         self.running: list[Job] = []
+        self.pending: deque[Job] = deque()
+        self.then: Callable[[Job], list[Job]] | None = None
         self.done = 0
 
-    def run(self) -> bool:
-        """Run every job not yet done; returns False if interrupted (Ctrl-C or SIGTERM)."""
-        pending = deque(j for j in self.jobs if j.status == "pending")
-        self.done = len(self.jobs) - len(pending)
+    def run(self, then: Callable[[Job], list[Job]] | None = None, fits: Callable[[Job], bool] | None = None) -> bool:
+        """Run every job not yet done; returns False if interrupted (Ctrl-C or SIGTERM). then(job), called as each
+        job ends, returns the jobs to run next (a tune's next points); a job that fits(job) turns down when a slot
+        is free is not started (it stays pending)."""
+        self.pending, self.then = deque(j for j in self.jobs if j.status == "pending"), then
+        self.done = len(self.jobs) - len(self.pending)
         self.write_manifest(interrupted=False)
         try:
-            while pending or self.running:
-                while pending and (slot := self.free_device()) is not None:
-                    self.start(pending.popleft(), self.devices[slot])
+            while self.pending or self.running:
+                while self.pending and (slot := self.free_device()) is not None:
+                    job = self.pending.popleft()
+                    if fits is None or fits(job):
+                        self.start(job, self.devices[slot])
                 time.sleep(POLL_S)
                 for job in [j for j in self.running if j.proc is not None and j.proc.poll() is not None]:
                     self.running.remove(job)
@@ -366,6 +372,10 @@ class Sweep:
         self.done += 1
         self.report(self.progress_line(job))
         self.write_manifest(interrupted=False)
+        if self.then is not None:
+            following = self.then(job)
+            self.jobs.extend(following)
+            self.pending.extend(following)
 
     def collect_log(self, job: Job) -> None:
         """Move the run's log up to OUT if it parses; status "ok" needs a complete log."""

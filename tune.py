@@ -1,7 +1,8 @@
 r"""Tune a configuration's fields by coordinate descent, then measure the winner over seeds: one command.
 
     python tune.py --out DIR --run SPEC [--search FIELD ...] [--run SPEC [--search FIELD ...] ...] \
-        [--grid 0.5,1,2] [--rounds N] [--final_seeds K] [--gpus ID ...] [--dry_run] -- COMMON_ARGS
+        [--grid 0.5,1,2] [--rounds N] [--final_seeds K] [--gpus ID ...] [--time_limit S] [--dry_run] \
+        -- COMMON_ARGS
     python tune.py --out DIR --report      # a finished tune's tables and figures; an unfinished one's points so far
     python tune.py --study interaction --out DIR -- --train_files=... --val_files=... --num_iterations=300
 
@@ -13,19 +14,26 @@ script's default) and must be positive there.
 Coordinate descent: for each field in turn, runs the grid times the field's current best value (--grid, factors;
 for a field whose range is [0, 1), a momentum or a beta, the grid moves 1 - value instead), keeps the value of the
 lowest final validation loss, and moves to the next field; later rounds use the finer grid 2^-1/2, 1, 2^1/2
-around the best. Then --final_seeds seeds of the winner (seed 0 is the search's own run). A point that diverged
-(a NaN stop, or a final loss above its first training loss) counts as the worst and never stops the search; a run
-that crashed is reported and tried once more.
+around the best. A best value at the edge of a round's values is not yet an optimum: the round goes one grid step
+further out that way, up to 3 steps, and the report says which chosen values are still at an edge. Then
+--final_seeds seeds of the winner (seed 0 is the search's own run). A point that diverged (a NaN stop, or a final
+loss above its first training loss) counts as the worst and never stops the search; a run that crashed is reported
+and tried once more. Each run's search moves on its own: its next points start as soon as its last ones are in,
+beside the other searches' runs, so that the GPUs stay busy.
 
 Noise: the final seeds' spread is the run-to-run noise; the report marks each chosen value whose margin over its
 nearest neighbour on the grid is within that spread, and shows the neighbours' losses.
 
-Resumable: every point is recorded in DIR/tune.json (run, values, seed, final val loss, status, log); the same
-command again reads the finished points and runs only what is missing. Runs go through sweep.py's machinery:
-one single-GPU process per run, K at a time on K GPUs (--gpus, --jobs_per_gpu), a progress line per finished run,
-the logs in DIR. --report (DIR alone: its tune.json holds the plan) prints a table per run (the chosen value of
-each field, the final seeds' mean and 95% interval) and draws DIR/tune_<run>.png (final loss against each field's
-values, log x, the chosen value marked); for an unfinished tune it lists the points so far and exits 1.
+Resumable: every point is recorded in DIR/tune.json (run, values, seed, final val loss, status, log, wall time);
+the same command again reads the finished points and runs only what is missing. Runs go through sweep.py's
+machinery: one single-GPU process per run, K at a time on K GPUs (--gpus, --jobs_per_gpu), a progress line per
+finished run, the logs in DIR (DIR/tune_last_command.json: the last command's runs, as sweep.py's manifest).
+--time_limit S (a scheduler's or a lease's allotment): no run starts that would end more than S seconds after the
+command started, judged by the longest finished run of its configuration; the runs in flight finish, then the
+command exits 3 and the same command continues. --report (DIR alone: its tune.json holds the plan) prints a table
+per run (the chosen value of each field, the final seeds' mean and 95% interval) and draws DIR/tune_<run>.png
+(final loss against each field's values, log x, the chosen value marked); for an unfinished tune it lists the
+points so far and exits 1.
 
 --study interaction: the optimizer x architecture 2x2 of docs/interaction.md, every cell tuned on its own (STUDY
 below: the fields and where each starting value comes from), five final seeds a cell; bench/interaction.py
@@ -56,6 +64,7 @@ from runlog import LogError, parse_log
 
 STATE = "tune.json"
 FINE_GRID = (2**-0.5, 1.0, 2**0.5)
+MAX_EXTEND = 3  # grid steps a round may go past its grid's edge after an optimum that is not bracketed
 ROUNDS, FINAL_SEEDS = 2, 5
 
 # The 2x2 of docs/interaction.md: (run spec, searched fields, where the starting values come from). Each cell's
@@ -116,6 +125,7 @@ class Point:
     log: str | None = None
     error: str | None = None
     tries: int = 0
+    wall_s: float | None = None  # s, the run's process from start to end
 
     @property
     def key(self) -> str:
@@ -136,15 +146,31 @@ def descend(search: Search, grid: Sequence[float], rounds: int, final_seeds: int
     for r in range(rounds):
         for name in search.fields:
             factors = grid if r == 0 else FINE_GRID
+            losses: dict[float, float] = {}
             values = sorted({search.moved(name, best[name], f) for f in factors} | {best[name]})
-            points = [Point(search.spec.label, {**best, name: v}, 0) for v in values]
-            done = yield points
-            for value, point in zip(values, points):
-                tried[name][value] = done[point.key].loss
-            best[name] = min(values, key=lambda v: (tried[name][v], v != best[name]))
+            for extension in range(MAX_EXTEND + 1):
+                points = [Point(search.spec.label, {**best, name: v}, 0) for v in values]
+                done = yield points
+                losses.update({v: done[p.key].loss for v, p in zip(values, points)})
+                best[name] = min(losses, key=lambda v: (losses[v], v != best[name]))
+                values = beyond(search, name, best[name], losses, factors)
+                if not values or extension == MAX_EXTEND:
+                    break
+            tried[name].update(losses)
     finals = [Point(search.spec.label, dict(best), seed) for seed in range(final_seeds)]
     done = yield finals
     return {"best": best, "tried": tried, "finals": [done[p.key] for p in finals]}
+
+
+def beyond(search: Search, name: str, best: float, losses: dict[float, float], factors: Sequence[float]
+           ) -> list[float]:
+    """The next value past the edge of a round's values when the best is at that edge (an optimum not yet
+    bracketed), else none: one grid step further out."""
+    low, high = min(losses), max(losses)
+    if best not in (low, high) or len(losses) < 2 or not math.isfinite(losses[best]):
+        return []
+    steps = {search.moved(name, best, f) for f in (min(factors), max(factors))}
+    return sorted(v for v in steps if (v < low if best == low else v > high))
 
 
 class State:
@@ -169,40 +195,63 @@ class State:
         os.replace(tmp, self.path)
 
 
-Runner = Callable[[list[Point]], bool]  # runs the points (status, final_val_loss, log, error); False: interrupted
+# Runs the points; calls finished(point) as each one ends, which returns the points to run next; returns False if
+# interrupted. A point it did not start (a time limit) stays pending.
+Runner = Callable[[list[Point], Callable[[Point], list[Point]]], bool]
+
+
+class TimeLimit(Exception):
+    """The runs still needed would not finish within the command's --time_limit."""
 
 
 def tune(searches: list[Search], grid: Sequence[float], rounds: int, final_seeds: int, state: State, runner: Runner,
          report: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Every search in lockstep: their next points run together (a crash is tried once more); points already in
-    the state are not run again. Returns each search's trace by run label."""
-    running = {s.spec.label: descend(s, grid, rounds, final_seeds) for s in searches}
-    wanted = {label: next(gen) for label, gen in running.items()}
+    """Every search moves on its own: as soon as the points it asked for are in, its next ones start beside the
+    other searches' runs (a crash is tried once more); points already in the state are not run again. Returns
+    each search's trace by run label."""
+    searching = {s.spec.label: descend(s, grid, rounds, final_seeds) for s in searches}
+    wanted: dict[str, list[Point]] = {}
     traces: dict[str, dict[str, Any]] = {}
-    while wanted:
-        needed = {p.key: p for points in wanted.values() for p in points}
-        for attempt in (1, 2):
-            todo = [state.points.get(k, p) for k, p in needed.items()
-                    if k not in state.points or (state.points[k].status == "failed" and state.points[k].tries < 2)]
-            if not todo:
-                break
-            if attempt == 2:
-                report(f"trying {len(todo)} crashed run(s) once more")
-            completed = runner(todo)
-            for point in todo:
-                if point.status != "pending":  # an interrupted run is not recorded: the next command runs it
-                    point.tries += 1
-                    state.points[point.key] = point
-            state.save()
-            if not completed:
-                raise KeyboardInterrupt
-        done = {k: state.points[k] for k in needed}
-        for label, gen in list(running.items()):
-            try:
-                wanted[label] = gen.send({p.key: done[p.key] for p in wanted[label]})
-            except StopIteration as finished:
-                traces[label] = finished.value
-                del wanted[label], running[label]
+    in_flight: set[str] = set()
+
+    def to_run(point: Point) -> bool:
+        saved = state.points.get(point.key)
+        return saved is None or (saved.status == "failed" and saved.tries < 2)
+
+    def advance(label: str, points: list[Point] | None) -> list[Point]:
+        """Feeds the search what it asked for until it asks for points not run yet; returns them."""
+        try:
+            asked = next(searching[label]) if points is None else searching[label].send(
+                {p.key: state.points[p.key] for p in points})
+            while not any(to_run(p) for p in asked):
+                asked = searching[label].send({p.key: state.points[p.key] for p in asked})
+        except StopIteration as end:
+            traces[label] = end.value
+            return []
+        wanted[label] = asked
+        todo = [state.points.get(p.key, p) for p in asked if to_run(p)]
+        in_flight.update(p.key for p in todo)
+        return todo
+
+    def finished(point: Point) -> list[Point]:
+        in_flight.discard(point.key)
+        point.tries += 1
+        state.points[point.key] = point
+        state.save()
+        if point.status == "failed" and point.tries < 2:
+            report(f"trying a crashed run once more: {point.run} {point.values} seed={point.seed}")
+            in_flight.add(point.key)
+            return [point]
+        if any(p.key in in_flight or to_run(p) for p in wanted[point.run]):
+            return []
+        return advance(point.run, wanted[point.run])
+
+    first = [p for label in searching for p in advance(label, None)]
+    if first and not runner(first, finished):
+        state.save()
+        raise KeyboardInterrupt
+    if len(traces) < len(searches):
+        raise TimeLimit(f"{sum(to_run(p) for points in wanted.values() for p in points)} run(s) still to do")
     return traces
 
 
@@ -226,35 +275,46 @@ def point_status(log_path: Path | None, exit_code: int | None) -> tuple[str, flo
     return "ok", final, None
 
 
-def sweep_runner(searches: list[Search], common: list[str], out: Path, devices: list[str | None], jobs_per_gpu: int
-                 ) -> Runner:
-    """Points run as sweep.py runs its jobs: one process per run on its own GPU (or the CPU)."""
-    specs = {s.spec.label: s.spec for s in searches}
+def sweep_runner(searches: list[Search], common: list[str], state: State, devices: list[str | None],
+                 jobs_per_gpu: int, deadline: float | None = None) -> Runner:
+    """Points run as sweep.py runs its jobs: one process per run on its own GPU (or the CPU). With a deadline
+    (time.monotonic()), a run starts only if the longest finished run of its configuration would end by then."""
+    specs, out = {s.spec.label: s.spec for s in searches}, state.path.parent
+    points: dict[int, Point] = {}
 
-    def run(points: list[Point]) -> bool:
-        jobs = []
-        for i, point in enumerate(points):
-            spec = specs[point.run]
-            overrides = [f"--{k}={v}" for k, v in sorted(point.values.items())]
-            own = [a for a in spec.args if a.split("=")[0][2:] not in point.values]
-            name = f"{sweep.slugify([Path(spec.script).stem, *overrides])[:90]}_{zlib.crc32(point.key.encode()):08x}"
-            shutil.rmtree(out / sweep.STAGING / name, ignore_errors=True)  # what an interrupted try left
-            argv = [sys.executable, spec.script, *common, *own, *overrides, f"--seed={point.seed}",
-                    f"--log_dir={out / sweep.STAGING / name}"]
-            jobs.append(sweep.Job(index=i, spec=spec, seed=point.seed, name=name, argv=argv))
+    def job_for(point: Point) -> sweep.Job:
+        spec = specs[point.run]
+        overrides = [f"--{k}={v}" for k, v in sorted(point.values.items())]
+        own = [a for a in spec.args if a.split("=")[0][2:] not in point.values]
+        name = f"{sweep.slugify([Path(spec.script).stem, *overrides])[:90]}_{zlib.crc32(point.key.encode()):08x}"
+        shutil.rmtree(out / sweep.STAGING / name, ignore_errors=True)  # what an interrupted try left
+        argv = [sys.executable, spec.script, *common, *own, *overrides, f"--seed={point.seed}",
+                f"--log_dir={out / sweep.STAGING / name}"]
+        points[len(points)] = point
+        return sweep.Job(index=len(points) - 1, spec=spec, seed=point.seed, name=name, argv=argv)
+
+    def run(first: list[Point], finished: Callable[[Point], list[Point]]) -> bool:
+        def then(job: sweep.Job) -> list[sweep.Job]:
+            point = points[job.index]
+            point.status, point.final_val_loss, point.error = point_status(job.log, job.exit_code)
+            point.log = os.path.relpath(job.log, out) if job.log else None
+            point.wall_s = None if job.wall_s is None else round(job.wall_s, 1)
+            return [job_for(p) for p in finished(point)]
+
+        def fits(job: sweep.Job) -> bool:
+            label = points[job.index].run
+            took = [p.wall_s for p in state.points.values() if p.run == label and p.status == "ok" and p.wall_s]
+            return deadline is None or not took or time.monotonic() + max(took) <= deadline
+
         meta = {"tune": str(out / STATE), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        completed = sweep.Sweep(jobs, devices, jobs_per_gpu, out, meta, lambda line: print(line, flush=True),
-                                manifest="tune_last_batch.json").run()
-        for job, point in zip(jobs, points):
-            if job.status in ("ok", "failed"):
-                point.status, point.final_val_loss, point.error = point_status(job.log, job.exit_code)
-                point.log = os.path.relpath(job.log, out) if job.log else None
-        return completed
+        jobs = [job_for(p) for p in first]
+        return sweep.Sweep(jobs, devices, jobs_per_gpu, out, meta, lambda line: print(line, flush=True),
+                           manifest="tune_last_command.json").run(then, fits)
 
     return run
 
 
-def nothing_to_run(points: list[Point]) -> bool:
+def nothing_to_run(points: list[Point], finished: Callable[[Point], list[Point]]) -> bool:
     """--report's runner: a point not run yet means the tune is not finished."""
     raise TuneError(f"{len(points)} point(s) not run yet")
 
@@ -287,6 +347,11 @@ def format_report(search: Search, trace: dict[str, Any]) -> str:
         noisy = "yes" if margin <= spread else ("no" if math.isfinite(spread) else "-")
         lines.append(f"| {name} | {search.start[name]:g} | {chosen:g} ({tried[chosen]:.4f}) | {shown} | "
                      f"{margin:.4f} | {noisy} |")
+    for name in search.fields:
+        tried, chosen = trace["tried"][name], trace["best"][name]
+        if len(tried) > 1 and chosen in (min(tried), max(tried)):
+            side = "smallest" if chosen == min(tried) else "largest"
+            lines.append(f"edge: {name} chose the {side} value tried, {chosen:g}: the optimum may lie beyond it")
     lines.append(f"final seeds: {len(finals)} of {len(trace['finals'])} ok, mean {mean:.4f}, 95% CI {lo:.4f} to "
                  f"{hi:.4f}, seed-to-seed std {spread:.4f}")
     return "\n".join(lines)
@@ -360,6 +425,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[tuple[str, list
     devices.add_argument("--gpus", nargs="+", metavar="ID", help="GPUs to run on (default: all; else the CPU)")
     devices.add_argument("--cpu", action="store_true", help="run on the CPU")
     parser.add_argument("--jobs_per_gpu", type=int, default=1, metavar="J", help="runs at a time per GPU (default 1)")
+    parser.add_argument("--time_limit", type=float, metavar="S",
+                        help="start no run that would end more than S seconds after the command's start, judged by "
+                             "the longest finished run of its configuration (runs in flight finish); exit 3")
     parser.add_argument("--dry_run", action="store_true", help="print the first batch's commands and stop")
     parser.add_argument("--report", action="store_true", help="the tables and figures of DIR's tune.json; run nothing")
     args = parser.parse_args(own)
@@ -425,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         grid = [float(f) for f in args.grid.split(",")]
         if not grid or min(grid) <= 0 or args.rounds < 1 or args.final_seeds < 1 or args.jobs_per_gpu < 1:
             raise TuneError("--grid takes positive factors; --rounds, --final_seeds and --jobs_per_gpu at least 1")
+        if args.time_limit is not None and not args.time_limit > 0:
+            raise TuneError(f"--time_limit {args.time_limit:g}: give a positive number of seconds")
         sweep.check_field_args(common, "the arguments after --")
         searches = make_searches(runs, common)
         out: Path = args.out
@@ -454,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runner: Runner = nothing_to_run
     else:
         out.mkdir(parents=True, exist_ok=True)
-        runner = sweep_runner(searches, common, out, devices, args.jobs_per_gpu)
+        deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+        runner = sweep_runner(searches, common, state, devices, args.jobs_per_gpu, deadline)
     handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, sweep._raise_interrupt),
                 signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
@@ -465,6 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tune.py: {e}: the tune is not finished; its command without --report runs what is missing",
               file=sys.stderr)
         return 1
+    except TimeLimit as e:
+        print(f"tune.py: --time_limit {args.time_limit:g} s reached, {e}; the same command continues from "
+              f"{state.path}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"tune.py: interrupted; the same command continues from {state.path}", file=sys.stderr)
         return 130

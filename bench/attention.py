@@ -4,7 +4,8 @@
 
 q, k, v of one 65,536-token sequence (6 heads of 128, bfloat16) in documents of log-normal
 length (bench/synthetic.py), the script's BlockMask (document, causal, 1024-token window) at
-tile sizes 128 and 64, and a list of kernel options. For each: forward and forward+backward
+tile sizes 128 and 64, and a list of kernel options (the last: flex-attention's FLASH backend, which
+needs the flash-attn-4 package; without it that line says why it failed). For each: forward and forward+backward
 time (CUDA events, median of --reps after warm-up) and the largest difference of the output
 and gradients from the first variant's. --varlen adds FlashAttention-2 (aten's varlen kernels)
 with the documents as separate sequences and the same causal 1024-token window.
@@ -30,6 +31,8 @@ VARIANTS = [  # (name, tile size of the BlockMask, kernel_options)
      {**{f"BLOCK_{d}{i}": 64 for d in "MN" for i in ("", 1, 2)}, "num_warps": 4, "num_stages": 3}),
     ("tile64 64x64 w8 s2", 64,
      {**{f"BLOCK_{d}{i}": 64 for d in "MN" for i in ("", 1, 2)}, "num_warps": 8, "num_stages": 2}),
+    # flash-attn-4's CuTe kernels through flex-attention, where PyTorch and the package have them
+    ("tile128 FLASH (flash-attn-4)", 128, {"BACKEND": "FLASH"}),
 ]
 
 

@@ -2,6 +2,7 @@
 crashes, the report and its figure, one real tiny tune on the CPU, and the study's cells."""
 import json
 import math
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +17,30 @@ def searches_for(*runs: tuple[str, list[str]], common=()) -> list[tune.Search]:
     return tune.make_searches(list(runs), list(common))
 
 
-def bowl(optimum: dict[str, float]):
-    """A fake runner: final loss sum_f (log(value_f / optimum_f))^2 + 3; records every point it is asked for."""
+def serial(outcome):
+    """A fake runner that runs one point at a time, in the order asked, outcome(point) setting its result;
+    records every point it runs."""
     asked = []
 
-    def run(points):
-        for p in points:
-            asked.append(p)
-            p.status = "ok"
-            p.final_val_loss = 3 + 0.001 * p.seed + sum(math.log(p.values[k] / v) ** 2 for k, v in optimum.items()
-                                                        if k in p.values)
+    def run(points, finished):
+        queue = deque(points)
+        while queue:
+            point = queue.popleft()
+            asked.append(point)
+            outcome(point)
+            queue.extend(finished(point))
         return True
 
     return run, asked
+
+
+def bowl(optimum: dict[str, float]):
+    """A fake runner: final loss sum_f (log(value_f / optimum_f))^2 + 3."""
+    def outcome(p):
+        p.status = "ok"
+        p.final_val_loss = 3 + 0.001 * p.seed + sum(math.log(p.values[k] / v) ** 2 for k, v in optimum.items()
+                                                    if k in p.values)
+    return serial(outcome)
 
 
 def test_the_search_ends_within_one_grid_step_of_the_bowls_minimum(tmp_path):
@@ -45,6 +57,66 @@ def test_the_search_ends_within_one_grid_step_of_the_bowls_minimum(tmp_path):
     # momentum-like fields move 1 - value: 0.95 -> 0.975 and 0.9, never past 1
     assert {p.values["adam_beta2"] for p in asked} >= {0.9, 0.975} and max(p.values["adam_beta2"] for p in asked) < 1
     assert [p.seed for p in trace["finals"]] == [0, 1]
+
+
+def test_an_optimum_past_the_grid_is_followed_three_steps_and_the_report_says_when_it_lies_further(tmp_path):
+    """A bowl whose minimum lies 8 to 11 times below the start: one round brackets it (two steps past the grid's
+    edge, and a third that is worse) and picks the grid value nearest it, where a plain grid would stop at half the
+    start; 64 times below, the search stops three steps out and the report says the chosen value is at the edge."""
+    (search,) = searches_for(("M", ["muon_lr"]))
+    optimum = 0.05 / 2 ** np.random.default_rng().uniform(3, 3.45)
+    runner, asked = bowl({"muon_lr": optimum})
+    trace = tune.tune([search], (0.5, 1, 2), 1, 1, tune.State(tmp_path, {}), runner, report=print)["M"]
+    assert abs(math.log2(trace["best"]["muon_lr"] / optimum)) <= 0.5 + 1e-9
+    assert "edge:" not in tune.format_report(search, trace)
+    runner, asked = bowl({"muon_lr": 0.05 / 64})
+    (tmp_path / "far").mkdir()
+    trace = tune.tune([search], (0.5, 1, 2), 1, 1, tune.State(tmp_path / "far", {}), runner, report=print)["M"]
+    assert sorted(p.values["muon_lr"] for p in asked) == [0.003125, 0.00625, 0.0125, 0.025, 0.05, 0.1]
+    assert "edge: muon_lr chose the smallest value tried, 0.003125" in tune.format_report(search, trace)
+
+
+def test_each_search_moves_on_without_waiting_for_the_others(tmp_path):
+    """A runner that keeps one search's first points running: the other search still goes through all its
+    fields and its final seeds."""
+    slow, fast = searches_for(("A", ["adam_lr"]), ("M", ["muon_lr", "head_lr"]))
+    held, order = [], []
+
+    def run(points, finished):
+        queue = deque(points)
+        while queue:
+            point = queue.popleft()
+            if point.run == "A" and queue:
+                held.append(point)  # still running
+                continue
+            point.status, point.final_val_loss = "ok", 3 + sum(math.log(v) ** 2 for v in point.values.values())
+            order.append(point.run)
+            queue.extend(finished(point))
+            if not queue:
+                queue.extend(held)
+                held.clear()
+        return True
+
+    traces = tune.tune([slow, fast], (0.5, 1, 2), 1, 2, tune.State(tmp_path, {}), run, report=print)
+    assert set(traces) == {"A", "M"} and order.index("A") == order.count("M")
+
+
+def test_a_time_limit_starts_no_run_that_would_end_after_it(tmp_path, capsys):
+    """A configuration whose last run took longer than the limit: nothing starts, the command exits 3 and the
+    state is as it was; without a limit, the same command would run it."""
+    common = ["--preset=tiny"]
+    plan = {"runs": [["A", ["adam_lr"]]], "grid": [0.5, 1.0, 2.0], "rounds": 1, "final_seeds": 1,
+            "common_args": common}
+    state = tune.State(tmp_path, plan)
+    state.points["x"] = tune.Point("A", {"adam_lr": 0.01}, 0, "ok", 5.0, "x.txt", None, 1, wall_s=120.0)
+    state.save()
+    before = (tmp_path / "tune.json").read_text()
+    argv = ["--out", str(tmp_path), "--run", "A", "--search", "adam_lr", "--rounds", "1", "--final_seeds", "1",
+            "--cpu", "--time_limit", "60", "--", *common]
+    assert tune.main(argv) == 3
+    assert "--time_limit 60 s reached, 2 run(s) still to do" in capsys.readouterr().err
+    assert (tmp_path / "tune.json").read_text() == before and not list(tmp_path.glob("*.out"))
+    assert tune.main([*argv[:-4], "--time_limit", "0", "--", *common]) == 2
 
 
 def test_the_same_command_again_runs_nothing_more(tmp_path):
@@ -64,22 +136,22 @@ def test_a_diverged_point_is_the_worst_and_a_crash_is_tried_once_more(tmp_path):
     (search,) = searches_for(("M", ["muon_lr"]))
     calls = []
 
-    def run(points):
-        for p in points:
-            calls.append((p.values["muon_lr"], p.seed))
-            first_try = calls.count((p.values["muon_lr"], p.seed)) == 1
-            if p.values["muon_lr"] >= 0.1:
-                p.status, p.final_val_loss = "diverged", math.nan
-            elif p.values["muon_lr"] == 0.025 and first_try:
-                p.status, p.error = "failed", "crashed"
-            else:
-                p.status, p.final_val_loss = "ok", 4 - p.values["muon_lr"]
-        return True
+    def outcome(p):
+        calls.append((p.values["muon_lr"], p.seed))
+        first_try = calls.count((p.values["muon_lr"], p.seed)) == 1
+        if p.values["muon_lr"] >= 0.1:
+            p.status, p.final_val_loss = "diverged", math.nan
+        elif p.values["muon_lr"] == 0.025 and first_try:
+            p.status, p.error = "failed", "crashed"
+        else:
+            p.status, p.final_val_loss = "ok", 4 - p.values["muon_lr"]
 
     notes = []
+    run, _ = serial(outcome)
     trace = tune.tune([search], (0.5, 1, 2), 1, 1, tune.State(tmp_path, {}), run, report=notes.append)["M"]
     assert trace["best"]["muon_lr"] == 0.05 and math.isinf(trace["tried"]["muon_lr"][0.1])
-    assert calls.count((0.025, 0)) == 2 and notes == ["trying 1 crashed run(s) once more"]
+    assert calls.count((0.025, 0)) == 2
+    assert notes == ["trying a crashed run once more: M {'muon_lr': 0.025} seed=0"]
 
 
 def test_the_status_of_a_finished_run_from_its_log(tmp_path):
@@ -101,7 +173,8 @@ def test_the_report_marks_choices_within_the_seeds_spread_and_draws_the_figure(t
     trace = tune.tune([search], (0.5, 1, 2), 1, 3, tune.State(tmp_path, {}), runner, report=lambda line: None)["M"]
     text = tune.format_report(search, trace)
     assert "| muon_lr | 0.05 | 0.05 (3.4805) | 0.025: 3.9609, 0.1: 3.9609 | 0.4805 | no |" in text  # head_lr at 0.22
-    assert "| head_lr | 0.22 | 0.44 (3.0000) | 0.22: 3.4805 | 0.4805 | no |" in text
+    assert "| head_lr | 0.22 | 0.44 (3.0000) | 0.22: 3.4805, 0.88: 3.4805 | 0.4805 | no |" in text
+    assert "edge:" not in text
     assert "final seeds: 3 of 3 ok, mean 3.0010, 95% CI 2.9985 to 3.0035, seed-to-seed std 0.0010" in text
     tune.draw(search, trace, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
@@ -115,10 +188,11 @@ def test_report_from_the_folder_alone_finished_or_not(tmp_path, capsys):
     plan = {"runs": [["M", ["muon_lr"]]], "grid": [0.5, 1.0, 2.0], "rounds": 1, "final_seeds": 2, "common_args": common}
     runner, _ = bowl({"muon_lr": 0.1})
 
-    def first_batch_only(points):
-        first_batch_only.calls += 1
-        return runner(points) if first_batch_only.calls == 1 else False
-    first_batch_only.calls = 0
+    def first_batch_only(points, finished):
+        for point in points:
+            point.status, point.final_val_loss = "ok", 3 + math.log(point.values["muon_lr"] / 0.1) ** 2
+            finished(point)
+        return False  # interrupted before the next points
     with pytest.raises(KeyboardInterrupt):
         tune.tune([search], (0.5, 1.0, 2.0), 1, 2, tune.State(tmp_path, plan), first_batch_only, report=print)
     assert tune.main(["--out", str(tmp_path), "--report"]) == 1
@@ -161,18 +235,19 @@ def test_the_study_has_four_cells_each_searched_from_its_stated_start(capsys, tm
 
 def test_a_real_tiny_tune_on_the_cpu(tmp_path, capsys, monkeypatch):
     """One field, two values, one seed, through sweep.py's machinery and the real script (two runs at once): the
-    lower final loss wins, tune.json holds both points, and the same command again runs nothing."""
+    lower final loss wins, tune.json holds both points with their wall times, and the same command again runs
+    nothing. (In 4 steps the larger lr wins, and a grid of 0.5 and 1 never goes past its upper edge.)"""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     train, val = write_learnable_shards(tmp_path, 30_000, 2_000)
     common = [a for a in tiny_args(train, val, "unused", num_iterations=4, val_loss_every=0, val_tokens=1024,
                                    warmup_compile_steps=0) if not a.startswith(("--log_dir", "--preset"))]
-    argv = ["--out", str(tmp_path / "out"), "--run", "A --preset=tiny", "--search", "adam_lr", "--grid", "1,2",
+    argv = ["--out", str(tmp_path / "out"), "--run", "A --preset=tiny", "--search", "adam_lr", "--grid", "0.5,1",
             "--rounds", "1", "--final_seeds", "1", "--cpu", "--jobs_per_gpu", "2", "--", *common]
     assert tune.main(argv) == 0
     out = capsys.readouterr().out
     points = json.loads((tmp_path / "out" / "tune.json").read_text())["points"]
-    assert sorted(p["values"]["adam_lr"] for p in points) == [0.01, 0.02] and {p["status"] for p in points} == {"ok"}
+    assert sorted(p["values"]["adam_lr"] for p in points) == [0.005, 0.01] and {p["status"] for p in points} == {"ok"}
     best = min(points, key=lambda p: p["final_val_loss"])["values"]["adam_lr"]
     assert f"| adam_lr | 0.01 | {best:g} (" in out and (tmp_path / "out" / "tune_A_preset-tiny.png").exists()
-    assert out.count("[1/2]") == out.count("[2/2]") == 1
+    assert out.count("[1/2]") == out.count("[2/2]") == 1 and all(p["wall_s"] > 0 for p in points)
     assert tune.main(argv) == 0 and "[1/" not in capsys.readouterr().out
