@@ -28,7 +28,7 @@ Resumable: every point is recorded in DIR/tune.json (run, values, seed, final va
 the same command again reads the finished points and runs only what is missing. Runs go through sweep.py's
 machinery: one single-GPU process per run, K at a time on K GPUs (--gpus, --jobs_per_gpu), a progress line per
 finished run, the logs in DIR (DIR/tune_last_command.json: the last command's runs, as sweep.py's manifest).
---time_limit S (a scheduler's or a lease's allotment): no run starts that would end more than S seconds after the
+--time_limit S (a scheduler's job limit, say): no run starts that would end more than S seconds after the
 command started, judged by the longest finished run of its configuration; the runs in flight finish, then the
 command exits 3 and the same command continues. --report (DIR alone: its tune.json holds the plan) prints a table
 per run (the chosen value of each field, the final seeds' mean and 95% interval) and draws DIR/tune_<run>.png
