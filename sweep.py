@@ -335,6 +335,10 @@ class Sweep:
             self.stop_all()
             self.write_manifest(interrupted=True)
             return False
+        except Exception:
+            self.stop_all()  # an error in a hook: no run outlives the sweep that started it
+            self.write_manifest(interrupted=True)
+            raise
         self.write_manifest(interrupted=False)
         return True
 

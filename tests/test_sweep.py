@@ -306,6 +306,29 @@ def test_interrupt_works_when_started_with_sigint_ignored(tmp_path, stub, record
     assert code == 130
 
 
+def test_the_next_jobs_and_the_jobs_turned_down_and_an_error_in_a_hook(tmp_path, stub, record):
+    """Sweep.run's hooks: jobs that then(job) returns run after it; a job that fits(job) turns down is not
+    started; an error in a hook stops the runs in flight (none outlives the sweep) and reaches the caller."""
+    out = tmp_path / "out"
+    (out / sweep.STAGING).mkdir(parents=True)
+    specs = sweep.make_specs([f"{stub} --tag=first", f"{stub} --tag=slow --sleep_ms=60000"])
+    first, _ = sweep.plan(specs, [0], [f"--record={record}"], out)
+    later = sweep.plan(sweep.make_specs([f"{stub} --tag=later", f"{stub} --tag=refused"]), [1],
+                       [f"--record={record}"], out)
+    runner = sweep.Sweep([first], [None], 2, out, {}, lambda line: None)
+    assert runner.run(then=lambda job: later if job is first else [], fits=lambda job: "refused" not in job.name)
+    assert [e["tag"] for e in events(record, "end")] == ["first", "later"] and later[1].status == "pending"
+
+    def boom(job):
+        raise RuntimeError("a bug in the hook")
+    record.unlink()
+    runner = sweep.Sweep(sweep.plan(specs, [2], [f"--record={record}"], out), [None], 2, out, {}, lambda line: None)
+    with pytest.raises(RuntimeError, match="a bug in the hook"):
+        runner.run(then=boom)
+    slow_pid = [e["pid"] for e in events(record, "start") if e["tag"] == "slow"][0]
+    assert not _alive(slow_pid) and json.loads((out / "sweep.json").read_text())["interrupted"]
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
