@@ -9,6 +9,8 @@ import importlib.util
 import io
 import os
 import runpy
+import signal
+import subprocess
 import sys
 
 # Triton kernels run on the CPU under Triton's interpreter, which triton.jit chooses when fast_ops.py
@@ -65,6 +67,17 @@ def run_cli(script_path, argv: list, cwd=None) -> tuple[int, str, str]:
         sys.argv = argv_before
         os.chdir(cwd_before)
     return code, out.getvalue(), err.getvalue()
+
+
+def interrupt_at(argv: list, prefix: str, **popen) -> tuple[int, str, str]:
+    """Start a command, send it SIGINT once a stdout line starts with `prefix`; its exit code, stdout and stderr."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
 
 
 def write_shard(path, tokens, magic: int = 20240520, version: int = 1, count: int | None = None) -> None:

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HALF, ROOT, STEPS, load_script, run_cli, tiny_args
+from conftest import HALF, ROOT, STEPS, interrupt_at, load_script, run_cli, tiny_args
 
 # The mean loss of a step sums 8 micro-batch losses; 2 processes sum them in another order: a few
 # float32 roundings (eps 1.2e-7) of the same numbers.
@@ -344,15 +343,10 @@ def test_ctrl_c_on_the_command_line_prints_one_line_and_exits_130(trained, tmp_p
     if trained["baseline"] != "M":
         pytest.skip("M's run shows it")
     args = args_for(trained, tmp_path, num_iterations=190, checkpoint_every=1000, val_loss_every=0)
-    proc = subprocess.Popen([sys.executable, "-u", Path(ROOT) / f"train_gpt_{trained['baseline']}.py", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    for line in proc.stdout:
-        if line.startswith("step:2/"):
-            proc.send_signal(signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=120)
+    code, out, err = interrupt_at([sys.executable, "-u", Path(ROOT) / f"train_gpt_{trained['baseline']}.py", *args],
+                                  "step:2/", cwd=ROOT)
     (saved,) = (tmp_path / "ckpt").glob("*/step*.pt")
-    assert proc.returncode == 130 and "Traceback" not in err
+    assert code == 130 and "Traceback" not in err
     assert err.strip() == f"interrupted at step {int(saved.stem[4:])} by SIGINT; resume with --resume={saved}"
     assert out.rstrip().splitlines()[-1].startswith("log: ")
 

@@ -3,15 +3,13 @@ N accumulation steps: bit for bit at 2 processes; at 4, the same first loss and 
 trajectory to within rounding noise, whose size each test measures for itself."""
 import multiprocessing as mp
 import os
-import signal
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, load_script, tiny_args, write_learnable_shards
+from conftest import ROOT, interrupt_at, load_script, tiny_args, write_learnable_shards
 
 STEPS = 3
 SEQ_LEN = 128
@@ -177,15 +175,9 @@ def test_ctrl_c_under_torchrun_through_run_sh_stops_every_process_with_one_line(
     args = tiny_args(train, val, tmp_path / "logs", num_iterations=190, val_loss_every=0, val_tokens=2 * SEQ_LEN,
                      warmup_compile_steps=0, checkpoint_every=1000, checkpoint_dir=tmp_path / "ckpt")
     env = {**os.environ, "NGPU": "2", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "run.sh"), "M", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in proc.stdout:
-        if line.startswith("step:3/"):
-            proc.send_signal(signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=120)
+    code, out, err = interrupt_at(["bash", os.path.join(ROOT, "run.sh"), "M", *args], "step:3/", env=env)
     (saved,) = (tmp_path / "ckpt").glob("*/step*.pt")
-    assert proc.returncode == 130, err
+    assert code == 130, err
     assert [line for line in err.splitlines() if "interrupted" in line] == [
         f"interrupted at step {int(saved.stem[4:])} by SIGINT; resume with --resume={saved}"]
     assert "Traceback" not in err and "ChildFailedError" not in err
