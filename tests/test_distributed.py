@@ -30,6 +30,13 @@ MEAN_RTOL = 1e-6
 # The rank split of Muon is checked bit for bit by test_muon_split_across_ranks, and M at 2 processes
 # bit for bit here.
 NOISE_FACTOR = 10.0
+# A's parameters after 3 steps: in 1 of some 20 runs (a CI run, 2026-12-05; not reproduced in 15 more here) 4
+# processes left the embedding 1.2e-4 from one process (9e-6 of its norm) where the two other orders gave
+# 4e-7, most likely a gradient element near zero, whose rounding Adam (eps 1e-10) turns into a step of a
+# sizeable part of the learning rate: a rare event like M's above. Such an event moves a few elements; ranks that train
+# apart move every element: with the gradient all-reduce skipped, every parameter ended 0.09 to 0.6 of its norm
+# away (measured here, 2026-12-05).
+PARAM_RTOL = 1e-4
 
 
 def free_port() -> int:
@@ -131,7 +138,8 @@ def test_processes_match_single_process_with_accumulation(baseline, world, tmp_p
         assert within_noise(abs(val - single["val"][0]), floor, abs(single["val"][0]))
         for name, want in single["state"].items():
             floor = max((other["state"][name] - want).norm().item() for other in others)
-            assert within_noise((rank_result["state"][name] - want).norm().item(), floor, want.norm().item()), name
+            difference = (rank_result["state"][name] - want).norm().item()
+            assert within_noise(difference, floor, want.norm().item()) or difference <= PARAM_RTOL * want.norm(), name
     for name, want in single["state"].items():
         assert (want - start[name]).norm() > 0, name
 
