@@ -148,7 +148,8 @@ def main() -> None:
                 t.grad = None
             fwd, both = median_ms(forward, args.reps), median_ms(forward_backward, args.reps)
         except Exception as e:  # an option set a Triton version or GPU does not take
-            print(f"{name:32s} failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}", flush=True)
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            print(f"{name:32s} failed: {type(e).__name__}: {' | '.join(lines[:4])[:600]}", flush=True)
             continue
         if reference is None:
             reference = outs
