@@ -360,7 +360,6 @@ def qk_norm_rope(qk_BTND: Tensor, cos: Tensor, sin: Tensor, plain_op: Callable) 
 MLP_TILE = (128, 256, 64)  # bfloat16 tile: rows, columns, inner
 MLP_GROUP_M = 8  # row blocks swept together, so that their rows of A stay in L2
 MLP_NUM_WARPS, MLP_NUM_STAGES = 8, 3  # warps per program; inner tiles loaded ahead
-MLP_WARP_SPECIALIZE = False  # Triton's producer/consumer warps for the tile loop: not yet measured (bench/mlp.py)
 MLP_TILE_FP32 = (64, 64, 32)  # float32 (start-up check, tests): a bfloat16-sized tile overflows shared memory
 MLP_INTERPRETER_PROGRAMS = 4  # persistent programs under the Triton interpreter
 SM_COUNT: dict[int, int] = {}  # multiprocessors per CUDA device index, looked up once
@@ -382,14 +381,12 @@ def _epilogue(h, y_desc, off_m, off_n, GRAD: tl.constexpr, EMULATE: tl.constexpr
 @triton.jit
 def _matmul_epilogue_kernel(a_desc, b_desc, c_desc, y_desc, M, N, K, GRAD: tl.constexpr, B_KN: tl.constexpr,
                             PRECISION: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                            WARP_SPECIALIZE: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """c = relu(a @ b)^2, or with GRAD c = (a @ b) * 2 sqrt(y); the programs take the BLOCK_M x BLOCK_N tiles
     of c in turn. b is K x N with B_KN, else N x K. With GRAD the epilogue works on two column halves
     (y's tile would not fit in shared memory beside the loads in flight)."""
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), blocks_m * blocks_n, tl.num_programs(0), flatten=True,
-                         warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(tl.program_id(0), blocks_m * blocks_n, tl.num_programs(0), flatten=True):
         group = tile // (GROUP_M * blocks_n)
         rows_in_group = min(blocks_m - group * GROUP_M, GROUP_M)
         off_m = (group * GROUP_M + (tile % (GROUP_M * blocks_n)) % rows_in_group) * BLOCK_M
@@ -415,7 +412,7 @@ def _matmul_epilogue_kernel(a_desc, b_desc, c_desc, y_desc, M, N, K, GRAD: tl.co
 
 def fused_matmul_epilogue(a_NK: Tensor, b: Tensor, y_NH: Tensor | None, b_kn: bool,
                           tile: tuple[int, int, int] | None = None, num_warps: int = MLP_NUM_WARPS,
-                          num_stages: int = MLP_NUM_STAGES, warp_specialize: bool = MLP_WARP_SPECIALIZE) -> Tensor:
+                          num_stages: int = MLP_NUM_STAGES) -> Tensor:
     """relu(a @ b)^2, or (a @ b) * 2 sqrt(y) when y is given, as one Triton kernel; b is K x H if b_kn, else
     H x K. Every tensor has contiguous rows of a multiple of 16 bytes (TMA). `tile` and the launch settings
     exist for bench/mlp.py."""
@@ -436,8 +433,8 @@ def fused_matmul_epilogue(a_NK: Tensor, b: Tensor, y_NH: Tensor | None, b_kn: bo
         TensorDescriptor.from_tensor(c_NH, [block_m, half_n]),
         TensorDescriptor.from_tensor(c_NH if y_NH is None else y_NH, [block_m, half_n]),
         N, H, K, GRAD=y_NH is not None, B_KN=b_kn, PRECISION=dot_precision(a_NK), EMULATE=emulated(a_NK),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=MLP_GROUP_M, WARP_SPECIALIZE=warp_specialize,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=MLP_GROUP_M, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return c_NH
 

@@ -1,6 +1,6 @@
 """flex-attention kernel options for the baselines' attention, timed alone at full size on one GPU.
 
-    python bench/attention.py [--seq_len 65536] [--reps 10] [--only 0 1] [--varlen]
+    python bench/attention.py [--seq_len 65536] [--reps 10] [--only 0 1] [--varlen] [--fa4_varlen]
 
 q, k, v of one 65,536-token sequence (6 heads of 128, bfloat16) in documents of log-normal
 length (bench/synthetic.py), the script's BlockMask (document, causal, 1024-token window) at
@@ -8,7 +8,8 @@ tile sizes 128 and 64, and a list of kernel options (the last: flex-attention's 
 needs the flash-attn-4 package; without it that line says why it failed). For each: forward and forward+backward
 time (CUDA events, median of --reps after warm-up) and the largest difference of the output
 and gradients from the first variant's. --varlen adds FlashAttention-2 (aten's varlen kernels)
-with the documents as separate sequences and the same causal 1024-token window.
+with the documents as separate sequences and the same causal 1024-token window; --fa4_varlen the same
+with flash-attn-4's kernels (`flash_attn.cute.flash_attn_varlen_func`), where the package is installed.
 """
 import argparse
 import os
@@ -65,33 +66,54 @@ def document_bounds(docs_T: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def time_varlen(script, cfg, docs, q, k, v, grad_out, reps: int, reference) -> None:
+def fa2_varlen(cfg):
+    return lambda q, k, v, cu, max_len: VarlenAttention.apply(q, k, v, cu, max_len, cfg.attn_scale, cfg.attn_window)
+
+
+def fa4_varlen(cfg):
+    from flash_attn.cute import flash_attn_varlen_func  # flash-attn-4; its Hopper kernels take a local window
+
+    def attend(q, k, v, cu, max_len):
+        return flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                      max_seqlen_k=max_len, softmax_scale=cfg.attn_scale, causal=True,
+                                      window_size=(cfg.attn_window - 1, 0))[0]
+
+    return attend
+
+
+def time_varlen(name, attend, cfg, docs, q, k, v, grad_out, reps: int, reference) -> None:
+    """Times attend(q_THD, k_THD, v_THD, cu_seqlens, max_len) with the documents as separate sequences."""
     cu, max_len = document_bounds(docs)
     to_THD = lambda t: t[0].transpose(0, 1).contiguous()  # noqa: E731
     qv, kv, vv = (to_THD(t).requires_grad_() for t in (q, k, v))
     g_THD = to_THD(grad_out)
 
     def forward_backward():
-        y = VarlenAttention.apply(qv, kv, vv, cu, max_len, cfg.attn_scale, cfg.attn_window)
+        y = attend(qv, kv, vv, cu, max_len)
         y.backward(g_THD)
         return y
 
     def forward():
         with torch.no_grad():
-            return VarlenAttention.apply(qv, kv, vv, cu, max_len, cfg.attn_scale, cfg.attn_window)
+            return attend(qv, kv, vv, cu, max_len)
 
-    y = forward_backward()
-    to_BHTD = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731
-    outs = [to_BHTD(y.detach()), to_BHTD(qv.grad), to_BHTD(kv.grad), to_BHTD(vv.grad)]
-    for t in (qv, kv, vv):
-        t.grad = None
-    fwd, both = median_ms(forward, reps), median_ms(forward_backward, reps)
+    try:
+        y = forward_backward()
+        to_BHTD = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731
+        outs = [to_BHTD(y.detach()), to_BHTD(qv.grad), to_BHTD(kv.grad), to_BHTD(vv.grad)]
+        for t in (qv, kv, vv):
+            t.grad = None
+        fwd, both = median_ms(forward, reps), median_ms(forward_backward, reps)
+    except Exception as e:  # a package or GPU without this kernel
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        print(f"{name:32s} failed: {type(e).__name__}: {' | '.join(lines[:4])[:600]}", flush=True)
+        return
     diff = (
         max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, reference)) if reference else float("nan")
     )
+    label = f"{name} ({cu.numel() - 1} docs, max {max_len})"
     print(
-        f"{'varlen FA2 (' + str(cu.numel() - 1) + ' docs, max ' + str(max_len) + ')':32s} "
-        f"fwd {fwd:6.3f} ms  fwd+bwd {both:6.3f} ms  "
+        f"{label:32s} fwd {fwd:6.3f} ms  fwd+bwd {both:6.3f} ms  "
         f"(x{cfg.num_layers} layers: {both * cfg.num_layers:5.1f} ms)  max diff {diff:.2e}",
         flush=True,
     )
@@ -105,6 +127,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", type=int, default=None, help="indices of VARIANTS to run")
     parser.add_argument(
         "--varlen", action="store_true", help="also time FlashAttention-2 varlen (aten) on the same documents"
+    )
+    parser.add_argument(
+        "--fa4_varlen", action="store_true", help="also time flash-attn-4's varlen kernels (needs the package)"
     )
     args = parser.parse_args()
     import torch._dynamo
@@ -160,7 +185,14 @@ def main() -> None:
             flush=True,
         )
     if args.varlen:
-        time_varlen(script, cfg, docs, q, k, v, grad_out, args.reps, reference)
+        time_varlen("varlen FA2", fa2_varlen(cfg), cfg, docs, q, k, v, grad_out, args.reps, reference)
+    if args.fa4_varlen:
+        try:
+            attend = fa4_varlen(cfg)
+        except ImportError as e:
+            print(f"{'varlen FA4':32s} failed: {e}", flush=True)
+        else:
+            time_varlen("varlen FA4", attend, cfg, docs, q, k, v, grad_out, args.reps, reference)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The MLP's products with ReLU^2 in their epilogue (the fast ops' FusedMLP) against cuBLAS products
 followed by compiled elementwise kernels, on one GPU at the model's shapes (bfloat16).
 
-    python bench/mlp.py [--script train_gpt_A.py] [--compare OLD_SCRIPT] [--grid] [--warp_specialize] [--reps 20]
+    python bench/mlp.py [--script train_gpt_A.py] [--compare OLD_SCRIPT] [--grid] [--reps 20]
 
 up:   relu(x @ fc_w^T)^2        x: T x C, fc_w: 4C x C (the fused kernel reads fc_w's rows as tiles of its columns)
 down: (g @ proj_w) * 2 sqrt(y)  g: T x C, proj_w: C x 4C, y: T x 4C (the hidden gradient from the output one)
@@ -38,8 +38,6 @@ def main() -> None:
     parser.add_argument("--script", default="train_gpt_A.py")
     parser.add_argument("--compare", default=None, help="another version of the script, for its fast MLP")
     parser.add_argument("--grid", action="store_true", help="more tiles")
-    parser.add_argument("--warp_specialize", action="store_true",
-                        help="each tile also with Triton's warp specialisation of the tile loop (rows marked ws)")
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args()
     script, cfg, dev, gen = gpu_tool("mlp.py", args.script)
@@ -61,21 +59,19 @@ def main() -> None:
         want = ref_fn(*ref_args)
         ms = median_ms(lambda: ref_fn(*ref_args), args.reps)
         print(f"{name:5s} cuBLAS + compiled elementwise    {ms:7.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s", flush=True)
-        specialised = (False, True) if args.warp_specialize else (False,)
-        for (bm, bn, bk, warps, stages), ws in [(t, ws) for t in tiles for ws in specialised]:
+        for bm, bn, bk, warps, stages in tiles:
             def run():
                 return kernels.fused_matmul_epilogue(*ref_args[:2], ref_args[2] if name == "down" else None,
                                                      b_kn=name == "down", tile=(bm, bn, bk), num_warps=warps,
-                                                     num_stages=stages, warp_specialize=ws)
-            label = f"{bm:3d}x{bn:3d}x{bk:3d} w{warps} s{stages}{' ws' if ws else '   '}"
+                                                     num_stages=stages)
             try:
                 got = run()
                 ms = median_ms(run, args.reps)
             except Exception as e:  # a tile that does not fit in shared memory, say
-                print(f"{name:5s} fused {label}: {type(e).__name__}: {str(e)[:100]}")
+                print(f"{name:5s} fused {bm}x{bn}x{bk} w{warps} s{stages}: {type(e).__name__}: {str(e)[:100]}")
                 continue
-            mark = "*" if (bm, bn, bk, warps, stages) == mine and not ws else " "
-            print(f"{name:5s} fused {label} {mark}   {ms:7.3f} ms  "
+            mark = "*" if (bm, bn, bk, warps, stages) == mine else " "
+            print(f"{name:5s} fused {bm:3d}x{bn:3d}x{bk:3d} w{warps} s{stages} {mark}   {ms:7.3f} ms  "
                   f"{flops / ms / 1e9:6.0f} TFLOP/s  diff {rel(got, want):.1e}, "
                   f"{(got != want).float().mean().item():.1e} of elements differ", flush=True)
 
