@@ -13,8 +13,10 @@ script's default) and must be positive there.
 
 Coordinate descent: for each field in turn, runs the grid times the field's current best value (--grid, factors;
 for a field whose range is [0, 1), a momentum or a beta, the grid moves 1 - value instead), keeps the value of the
-lowest final validation loss, and moves to the next field; later rounds use the finer grid 2^-1/2, 1, 2^1/2
-around the best. A best value at the edge of a round's values is not yet an optimum: the round goes one grid step
+lowest final validation loss, and moves to the next field. Later rounds use the finer grid 2^-1/2, 1, 2^1/2
+around the best and move every field at once (each field's points hold the others at their best, and each field
+keeps its own best value): the runs of a round in one go instead of one field after another, as the fine steps
+are small. A best value at the edge of a round's values is not yet an optimum: the round goes one grid step
 further out that way, up to 3 steps, and the report says which chosen values are still at an edge. Then
 --final_seeds seeds of the winner (seed 0 is the search's own run). A point that diverged (a NaN stop, or a final
 loss above its first training loss) counts as the worst and never stops the search; a run that crashed is reported
@@ -140,26 +142,44 @@ class Point:
 def descend(search: Search, grid: Sequence[float], rounds: int, final_seeds: int
             ) -> Generator[list[Point], dict[str, Point], dict[str, Any]]:
     """The coordinate descent of one search: yields the points it needs next, receives them run (by key),
-    returns the trace (per field, every evaluated (value, loss); the chosen values; the final points)."""
+    returns the trace (per field, every evaluated (value, loss); the chosen values; the final points). The first
+    round moves one field at a time; later rounds move every field at once around the best so far."""
     best = dict(search.start)
     tried: dict[str, dict[float, float]] = {name: {} for name in search.fields}
     for r in range(rounds):
-        for name in search.fields:
-            factors = grid if r == 0 else FINE_GRID
-            losses: dict[float, float] = {}
-            values = sorted({search.moved(name, best[name], f) for f in factors} | {best[name]})
-            for extension in range(MAX_EXTEND + 1):
-                points = [Point(search.spec.label, {**best, name: v}, 0) for v in values]
-                done = yield points
-                losses.update({v: done[p.key].loss for v, p in zip(values, points)})
-                best[name] = min(losses, key=lambda v: (losses[v], v != best[name]))
-                values = beyond(search, name, best[name], losses, factors)
-                if not values or extension == MAX_EXTEND:
-                    break
-            tried[name].update(losses)
+        groups = [[name] for name in search.fields] if r == 0 else [list(search.fields)]
+        for names in groups:
+            losses = yield from perturb(search, best, names, grid if r == 0 else FINE_GRID)
+            for name in names:
+                best[name] = pick(losses[name], best[name])
+                tried[name].update(losses[name])
     finals = [Point(search.spec.label, dict(best), seed) for seed in range(final_seeds)]
     done = yield finals
     return {"best": best, "tried": tried, "finals": [done[p.key] for p in finals]}
+
+
+def perturb(search: Search, best: dict[str, float], names: list[str], factors: Sequence[float]
+            ) -> Generator[list[Point], dict[str, Point], dict[str, dict[float, float]]]:
+    """Each named field over factors times its best value, the other fields at their best, all of them at once;
+    a field whose lowest loss is at an edge of its values goes a grid step further out (up to MAX_EXTEND).
+    Returns each field's losses by value."""
+    losses: dict[str, dict[float, float]] = {name: {} for name in names}
+    values = {name: sorted({search.moved(name, best[name], f) for f in factors} | {best[name]}) for name in names}
+    for extension in range(MAX_EXTEND + 1):
+        points = {name: [Point(search.spec.label, {**best, name: v}, 0) for v in vs] for name, vs in values.items()}
+        done = yield list({p.key: p for field_points in points.values() for p in field_points}.values())
+        for name, field_points in points.items():
+            losses[name].update({p.values[name]: done[p.key].loss for p in field_points})
+        further = {name: beyond(search, name, pick(losses[name], best[name]), losses[name], factors) for name in values}
+        values = {name: vs for name, vs in further.items() if vs}
+        if not values or extension == MAX_EXTEND:
+            break
+    return losses
+
+
+def pick(losses: dict[float, float], current: float) -> float:
+    """The value of the lowest loss; on a tie, the current value."""
+    return min(losses, key=lambda v: (losses[v], v != current))
 
 
 def beyond(search: Search, name: str, best: float, losses: dict[float, float], factors: Sequence[float]

@@ -76,6 +76,33 @@ def test_an_optimum_past_the_grid_is_followed_three_steps_and_the_report_says_wh
     assert "edge: muon_lr chose the smallest value tried, 0.003125" in tune.format_report(search, trace)
 
 
+def test_a_later_round_moves_every_field_at_once(tmp_path):
+    """Round one asks for one field's points at a time; round two asks for every field's fine points together,
+    each holding the other fields at round one's best, then for every field's step past its edge together, and
+    keeps each field's own best. A bowl whose minimum lies 2^(0.3 to 0.4) from the start in each field, either
+    way: round one keeps the start, round two picks the 2^1/2 step towards the minimum in every field."""
+    rng = np.random.default_rng()
+    (search,) = searches_for(("M", ["muon_lr", "head_lr", "embed_lr"]))
+    sides = {name: rng.choice((-1, 1)) for name in search.fields}
+    optimum = {name: search.start[name] * 2 ** (sides[name] * rng.uniform(0.3, 0.4)) for name in search.fields}
+    descent, batches = tune.descend(search, (0.5, 1, 2), 2, 1), []
+    asked = next(descent)
+    try:
+        while True:
+            batches.append(asked)
+            for p in asked:
+                p.status = "ok"
+                p.final_val_loss = 3 + sum(math.log(p.values[k] / v) ** 2 for k, v in optimum.items())
+            asked = descent.send({p.key: p for p in asked})
+    except StopIteration as end:
+        trace = end.value
+    assert [len(b) for b in batches] == [3, 3, 3, 7, 3, 1]
+    for batch in batches[3:5]:
+        assert all(sum(p.values[k] != search.start[k] for k in search.fields) <= 1 for p in batch)
+    assert trace["best"] == {name: search.moved(name, search.start[name], 2 ** (sides[name] / 2))
+                             for name in search.fields}
+
+
 def test_each_search_moves_on_without_waiting_for_the_others(tmp_path):
     """A runner that keeps one search's first points running: the other search still goes through all its
     fields and its final seeds."""
