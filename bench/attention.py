@@ -189,8 +189,8 @@ def main() -> None:
     if args.fa4_varlen:
         try:
             attend = fa4_varlen(cfg)
-        except ImportError as e:
-            print(f"{'varlen FA4':32s} failed: {e}", flush=True)
+        except Exception as e:  # the package, or one of its CUDA libraries, missing
+            print(f"{'varlen FA4':32s} failed: {type(e).__name__}: {e}", flush=True)
         else:
             time_varlen("varlen FA4", attend, cfg, docs, q, k, v, grad_out, args.reps, reference)
 
