@@ -111,6 +111,7 @@ class Job:
     out_file: IO[str] | None = None
     started: float = 0.0
     wall_s: float | None = None
+    sharing: int = 0  # the most runs on its device at once while it ran, itself included
     exit_code: int | None = None
     status: str = "pending"  # then "ok", "failed" or "interrupted"
     log: Path | None = None
@@ -277,6 +278,7 @@ def check_out(out: Path, jobs: Sequence[Job], plan_key: dict[str, Any]) -> list[
                 entry["final_step"],
             )
             job.device = None if entry["device"] == "cpu" else entry["CUDA_VISIBLE_DEVICES"]
+            job.sharing = entry.get("sharing", 0)  # 0: a manifest written before it was kept
             done.append(job)
         else:  # a run to do again: what its killed or failed try left goes
             shutil.rmtree(out / STAGING / job.name, ignore_errors=True)
@@ -316,8 +318,9 @@ class Sweep:
 
     def run(self, then: Callable[[Job], list[Job]] | None = None, fits: Callable[[Job], bool] | None = None) -> bool:
         """Run every job not yet done; returns False if interrupted (Ctrl-C or SIGTERM). then(job), called as each
-        job ends, returns the jobs to run next (a tune's next points); a job that fits(job) turns down when a slot
-        is free is not started (it stays pending)."""
+        job ends, returns the jobs to run next (a tune's next points); a job that fits(job, sharing) turns down
+        when a slot is free is not started (it stays pending): sharing is how many runs its device would then have,
+        itself included."""
         self.pending, self.then = deque(j for j in self.jobs if j.status == "pending"), then
         self.done = len(self.jobs) - len(self.pending)
         self.write_manifest(interrupted=False)
@@ -325,7 +328,7 @@ class Sweep:
             while self.pending or self.running:
                 while self.pending and (slot := self.free_device()) is not None:
                     job = self.pending.popleft()
-                    if fits is None or fits(job):
+                    if fits is None or fits(job, self.load(self.devices[slot]) + 1):
                         self.start(job, self.devices[slot])
                 time.sleep(POLL_S)
                 for job in [j for j in self.running if j.proc is not None and j.proc.poll() is not None]:
@@ -344,9 +347,12 @@ class Sweep:
 
     def free_device(self) -> int | None:
         """Index of the least busy device with a free slot (ties: the first listed), or None if all are full."""
-        load = [sum(j.device == d for j in self.running) for d in self.devices]
+        load = [self.load(d) for d in self.devices]
         best = min(range(len(self.devices)), key=load.__getitem__)
         return best if load[best] < self.jobs_per_device else None
+
+    def load(self, device: str | None) -> int:
+        return sum(j.device == device for j in self.running)
 
     def start(self, job: Job, device: str | None) -> None:
         job.device = device
@@ -361,6 +367,10 @@ class Sweep:
             self.finish(job, exit_code=127)
             return
         self.running.append(job)
+        sharing = self.load(device)
+        for other in self.running:
+            if other.device == device:
+                other.sharing = max(other.sharing, sharing)
 
     def finish(self, job: Job, exit_code: int | None = None) -> None:
         job.wall_s = time.monotonic() - job.started
@@ -462,6 +472,7 @@ class Sweep:
             "device": device_label(job.device),
             "CUDA_VISIBLE_DEVICES": visible_devices(job.device),
             "wall_time_s": None if job.wall_s is None else round(job.wall_s, 3),
+            "sharing": job.sharing,
             "final_val_loss": job.final_val_loss,
             "final_step": job.final_step,
             "error": job.error,

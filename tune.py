@@ -26,16 +26,17 @@ beside the other searches' runs, so that the GPUs stay busy.
 Noise: the final seeds' spread is the run-to-run noise; the report marks each chosen value whose margin over its
 nearest neighbour on the grid is within that spread, and shows the neighbours' losses.
 
-Resumable: every point is recorded in DIR/tune.json (run, values, seed, final val loss, status, log, wall time);
-the same command again reads the finished points and runs only what is missing. Runs go through sweep.py's
-machinery: one single-GPU process per run, K at a time on K GPUs (--gpus, --jobs_per_gpu), a progress line per
-finished run, the logs in DIR (DIR/tune_last_command.json: the last command's runs, as sweep.py's manifest).
+Resumable: every point is recorded in DIR/tune.json (run, values, seed, final val loss, status, log, wall time,
+runs sharing its GPU); the same command again reads the finished points and runs only what is missing. Runs go
+through sweep.py's machinery: one single-GPU process per run, K at a time on K GPUs (--gpus, --jobs_per_gpu), a
+progress line per finished run, the logs in DIR (DIR/tune_last_command.json: the last command's runs, as
+sweep.py's manifest).
 --time_limit S (a scheduler's job limit, say): no run starts that would end more than S seconds after the
-command started, judged by the longest finished run of its configuration; the runs in flight finish, then the
-command exits 3 and the same command continues. --report (DIR alone: its tune.json holds the plan) prints a table
-per run (the chosen value of each field, the final seeds' mean and 95% interval) and draws DIR/tune_<run>.png
-(final loss against each field's values, log x, the chosen value marked); for an unfinished tune it lists the
-points so far and exits 1.
+command started, judged by its configuration's finished runs that shared their GPU with as many runs or more
+(expected_s); the runs in flight finish, then the command exits 3 and the same command continues. --report
+(DIR alone: its tune.json holds the plan) prints a table per run (the chosen value of each field, the final seeds'
+mean and 95% interval) and draws DIR/tune_<run>.png (final loss against each field's values, log x, the chosen
+value marked); for an unfinished tune it lists the points so far and exits 1.
 
 --study interaction: the optimizer x architecture 2x2 of docs/interaction.md, every cell tuned on its own (STUDY
 below: the fields and where each starting value comes from), five final seeds a cell; bench/interaction.py
@@ -53,7 +54,7 @@ import signal
 import sys
 import time
 import zlib
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class Point:
     error: str | None = None
     tries: int = 0
     wall_s: float | None = None  # s, the run's process from start to end
+    sharing: int | None = None  # the most runs on its GPU at once while it ran, itself included
 
     @property
     def key(self) -> str:
@@ -298,7 +300,8 @@ def point_status(log_path: Path | None, exit_code: int | None) -> tuple[str, flo
 def sweep_runner(searches: list[Search], common: list[str], state: State, devices: list[str | None],
                  jobs_per_gpu: int, deadline: float | None = None) -> Runner:
     """Points run as sweep.py runs its jobs: one process per run on its own GPU (or the CPU). With a deadline
-    (time.monotonic()), a run starts only if the longest finished run of its configuration would end by then."""
+    (time.monotonic()), a run starts only if expected_s says it would end by then beside the runs on its GPU (the
+    runs in flight there, slowed by it, would end no later than a whole run at that sharing)."""
     specs, out = {s.spec.label: s.spec for s in searches}, state.path.parent
     points: dict[int, Point] = {}
 
@@ -319,12 +322,12 @@ def sweep_runner(searches: list[Search], common: list[str], state: State, device
             point.status, point.final_val_loss, point.error = point_status(job.log, job.exit_code)
             point.log = os.path.relpath(job.log, out) if job.log else None
             point.wall_s = None if job.wall_s is None else round(job.wall_s, 1)
+            point.sharing = job.sharing
             return [job_for(p) for p in finished(point)]
 
-        def fits(job: sweep.Job) -> bool:
-            label = points[job.index].run
-            took = [p.wall_s for p in state.points.values() if p.run == label and p.status == "ok" and p.wall_s]
-            return deadline is None or not took or time.monotonic() + max(took) <= deadline
+        def fits(job: sweep.Job, sharing: int) -> bool:
+            expected = expected_s(state.points.values(), points[job.index].run, sharing)
+            return deadline is None or expected is None or time.monotonic() + expected <= deadline
 
         meta = {"tune": str(out / STATE), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         jobs = [job_for(p) for p in first]
@@ -332,6 +335,21 @@ def sweep_runner(searches: list[Search], common: list[str], state: State, device
                            manifest="tune_last_command.json").run(then, fits)
 
     return run
+
+
+def expected_s(points: Iterable[Point], run: str, sharing: int) -> float | None:
+    """How long a run of this configuration would take with `sharing` runs on its GPU, from its finished runs: the
+    longest of those that shared their GPU with the fewest runs at or above `sharing`; past the most seen, the
+    longest of those scaled in proportion (an over-estimate: the start-up does not scale). Runs recorded without
+    their sharing count only when none has it: then the longest of them. None before any run has finished."""
+    took = [(p.sharing, p.wall_s) for p in points if p.run == run and p.status == "ok" and p.wall_s]
+    known = [(n, s) for n, s in took if n]
+    if not known:
+        return max((s for _, s in took), default=None)
+    at_or_above = [n for n, _ in known if n >= sharing]
+    nearest = min(at_or_above) if at_or_above else max(n for n, _ in known)
+    longest = max(s for n, s in known if n == nearest)
+    return longest if at_or_above else longest * sharing / nearest
 
 
 def nothing_to_run(points: list[Point], finished: Callable[[Point], list[Point]]) -> bool:
@@ -447,7 +465,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[tuple[str, list
     parser.add_argument("--jobs_per_gpu", type=int, default=1, metavar="J", help="runs at a time per GPU (default 1)")
     parser.add_argument("--time_limit", type=float, metavar="S",
                         help="start no run that would end more than S seconds after the command's start, judged by "
-                             "the longest finished run of its configuration (runs in flight finish); exit 3")
+                             "its configuration's finished runs with as many runs on their GPU (runs in flight "
+                             "finish); exit 3")
     parser.add_argument("--dry_run", action="store_true", help="print the first batch's commands and stop")
     parser.add_argument("--report", action="store_true", help="the tables and figures of DIR's tune.json; run nothing")
     args = parser.parse_args(own)

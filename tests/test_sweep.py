@@ -306,6 +306,22 @@ def test_interrupt_works_when_started_with_sigint_ignored(tmp_path, stub, record
     assert code == 130
 
 
+def test_each_run_records_how_many_runs_shared_its_device(tmp_path, stub, record):
+    """fits(job, sharing) is asked with the runs its device would then hold, itself included; a job keeps the most
+    runs its device held at once while it ran (in the manifest too): two at a time, then one at a time."""
+    for per_device, expected in ((2, [1, 2]), (1, [1, 1])):
+        out = tmp_path / f"out{per_device}"
+        (out / sweep.STAGING).mkdir(parents=True)
+        jobs = sweep.plan(sweep.make_specs([f"{stub} --tag=a", f"{stub} --tag=b"]), [0],
+                          [f"--record={record}", "--sleep_ms=300"], out)
+        asked = []
+        runner = sweep.Sweep(jobs, [None], per_device, out, {}, lambda line: None)
+        assert runner.run(fits=lambda job, sharing: asked.append(sharing) or True)
+        manifest = json.loads((out / "sweep.json").read_text())["runs"]
+        assert asked == expected and [j.sharing for j in jobs] == [max(expected)] * 2
+        assert [r["sharing"] for r in manifest] == [max(expected)] * 2
+
+
 def test_the_next_jobs_and_the_jobs_turned_down_and_an_error_in_a_hook(tmp_path, stub, record):
     """Sweep.run's hooks: jobs that then(job) returns run after it; a job that fits(job) turns down is not
     started; an error in a hook stops the runs in flight (none outlives the sweep) and reaches the caller."""
@@ -316,7 +332,7 @@ def test_the_next_jobs_and_the_jobs_turned_down_and_an_error_in_a_hook(tmp_path,
     later = sweep.plan(sweep.make_specs([f"{stub} --tag=later", f"{stub} --tag=refused"]), [1],
                        [f"--record={record}"], out)
     runner = sweep.Sweep([first], [None], 2, out, {}, lambda line: None)
-    assert runner.run(then=lambda job: later if job is first else [], fits=lambda job: "refused" not in job.name)
+    assert runner.run(then=lambda job: later if job is first else [], fits=lambda job, _: "refused" not in job.name)
     assert [e["tag"] for e in events(record, "end")] == ["first", "later"] and later[1].status == "pending"
 
     def boom(job):

@@ -146,6 +146,20 @@ def test_a_time_limit_starts_no_run_that_would_end_after_it(tmp_path, capsys):
     assert tune.main([*argv[:-4], "--time_limit", "0", "--", *common]) == 2
 
 
+def test_a_runs_expected_time_follows_how_many_runs_shared_its_gpu():
+    """The time limit's estimate: the longest finished run of the configuration among those that shared their GPU
+    with the fewest runs at or above the number asked; past the most seen, scaled in proportion; runs recorded
+    without their sharing only when no run has it; other configurations and failed runs never."""
+    def ok(run, sharing, wall_s, status="ok"):
+        return tune.Point(run, {"adam_lr": wall_s}, 0, status, 5.0, None, None, 1, wall_s=wall_s, sharing=sharing)
+    points = [ok("A", 4, 215.0), ok("A", 4, 290.0), ok("A", 8, 410.0), ok("A", 8, 460.0), ok("A", None, 999.0),
+              ok("M", 2, 1000.0), ok("A", 1, 5000.0, status="failed")]
+    assert [tune.expected_s(points, "A", n) for n in (1, 2, 4, 5, 8)] == [290.0, 290.0, 290.0, 460.0, 460.0]
+    assert tune.expected_s(points, "A", 16) == 920.0
+    assert tune.expected_s([ok("A", None, 120.0), ok("A", None, 90.0)], "A", 1) == 120.0
+    assert tune.expected_s(points, "B", 1) is None
+
+
 def test_the_same_command_again_runs_nothing_more(tmp_path):
     searches = searches_for(("M", ["muon_lr"]), ("A", ["adam_lr"]))
     runner, asked = bowl({"muon_lr": 0.1})
