@@ -18,10 +18,11 @@ around the best and move every field at once (each field's points hold the other
 keeps its own best value): the runs of a round in one go instead of one field after another, as the fine steps
 are small. A best value at the edge of a round's values is not yet an optimum: the round goes one grid step
 further out that way, up to 3 steps, and the report says which chosen values are still at an edge. Then
---final_seeds seeds of the winner (seed 0 is the search's own run). A point that diverged (a NaN stop, or a final
-loss above its first training loss) counts as the worst and never stops the search; a run that crashed is reported
-and tried once more. Each run's search moves on its own: its next points start as soon as its last ones are in,
-beside the other searches' runs, so that the GPUs stay busy.
+--final_seeds new seeds of the winner, 1 .. K (the search's own run, seed 0, was picked for being low, its noise
+included, and would bias the mean down). A point that diverged (a NaN stop, or a final loss above its first
+training loss) counts as the worst and never stops the search; a run that crashed is reported and tried once more.
+Each run's search moves on its own: its next points start as soon as its last ones are in, beside the other
+searches' runs, so that the GPUs stay busy.
 
 Noise: the final seeds' spread is the run-to-run noise; the report marks each chosen value whose margin over its
 nearest neighbour on the grid is within that spread, and shows the neighbours' losses.
@@ -144,20 +145,27 @@ class Point:
 def descend(search: Search, grid: Sequence[float], rounds: int, final_seeds: int
             ) -> Generator[list[Point], dict[str, Point], dict[str, Any]]:
     """The coordinate descent of one search: yields the points it needs next, receives them run (by key),
-    returns the trace (per field, every evaluated (value, loss); the chosen values; the final points). The first
-    round moves one field at a time; later rounds move every field at once around the best so far."""
+    returns the trace (per field, every evaluated (value, loss); the chosen values; the search's own loss there, if
+    it ran them together; the final points). The first round moves one field at a time; later rounds move every
+    field at once around the best so far."""
     best = dict(search.start)
     tried: dict[str, dict[float, float]] = {name: {} for name in search.fields}
+    own: float | None = None
     for r in range(rounds):
         groups = [[name] for name in search.fields] if r == 0 else [list(search.fields)]
         for names in groups:
             losses = yield from perturb(search, best, names, grid if r == 0 else FINE_GRID)
+            moved = [name for name in names if pick(losses[name], best[name]) != best[name]]
             for name in names:
                 best[name] = pick(losses[name], best[name])
                 tried[name].update(losses[name])
-    finals = [Point(search.spec.label, dict(best), seed) for seed in range(final_seeds)]
+            # the new best was run only if at most one field moved: two fields' best values were never run together
+            last = (moved or names)[0]
+            own = losses[last][best[last]] if len(moved) <= 1 else None
+    # new seeds: the search's own run at the winner was picked for its low loss, noise included (winner's curse)
+    finals = [Point(search.spec.label, dict(best), seed) for seed in range(1, final_seeds + 1)]
     done = yield finals
-    return {"best": best, "tried": tried, "finals": [done[p.key] for p in finals]}
+    return {"best": best, "tried": tried, "search_loss": own, "finals": [done[p.key] for p in finals]}
 
 
 def perturb(search: Search, best: dict[str, float], names: list[str], factors: Sequence[float]
@@ -390,8 +398,12 @@ def format_report(search: Search, trace: dict[str, Any]) -> str:
         if len(tried) > 1 and chosen in (min(tried), max(tried)):
             side = "smallest" if chosen == min(tried) else "largest"
             lines.append(f"edge: {name} chose the {side} value tried, {chosen:g}: the optimum may lie beyond it")
-    lines.append(f"final seeds: {len(finals)} of {len(trace['finals'])} ok, mean {mean:.4f}, 95% CI {lo:.4f} to "
+    seeds = f"seeds 1-{len(trace['finals'])}" if len(trace["finals"]) > 1 else "seed 1"
+    lines.append(f"final {seeds}: {len(finals)} ok, mean {mean:.4f}, 95% CI {lo:.4f} to "
                  f"{hi:.4f}, seed-to-seed std {spread:.4f}")
+    own = trace.get("search_loss")
+    lines.append("the search's own run of these values (seed 0, left out of the mean: picked for being low): " +
+                 (f"{own:.4f}" if own is not None else "none (fields that moved together were never run together)"))
     return "\n".join(lines)
 
 
@@ -414,6 +426,16 @@ def saved_plan(out: Path) -> dict[str, Any]:
     if not path.exists():
         raise TuneError(f"--out {out}: no tune there ({path} not found)")
     return json.loads(path.read_text(encoding="utf-8"))["plan"]
+
+
+def finished_traces(out: Path) -> list[tuple[Search, dict[str, Any]]]:
+    """A finished tune's searches and traces, replayed from DIR/tune.json alone (what --report shows): TuneError if
+    a point the tune needs is not there yet."""
+    saved = saved_plan(out)
+    searches = make_searches([(spec, list(fields)) for spec, fields in saved["runs"]], saved["common_args"])
+    traces = tune(searches, saved["grid"], saved["rounds"], saved["final_seeds"], State(out, saved), nothing_to_run,
+                  report=lambda _: None)
+    return [(search, traces[search.spec.label]) for search in searches]
 
 
 def draw(search: Search, trace: dict[str, Any], path: Path) -> None:
@@ -458,7 +480,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[tuple[str, list
     parser.add_argument("--grid", default="0.5,1,2", help="first-round factors of a field's value (default 0.5,1,2)")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds over the fields (default {ROUNDS})")
     parser.add_argument("--final_seeds", type=int, default=FINAL_SEEDS,
-                        help=f"seeds of each winner, 0 .. K-1 (default {FINAL_SEEDS})")
+                        help=f"new seeds of each winner, 1 .. K (default {FINAL_SEEDS})")
     devices = parser.add_mutually_exclusive_group()
     devices.add_argument("--gpus", nargs="+", metavar="ID", help="GPUs to run on (default: all; else the CPU)")
     devices.add_argument("--cpu", action="store_true", help="run on the CPU")

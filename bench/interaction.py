@@ -18,17 +18,18 @@ optimizer's cells against the architecture, with their intervals (logarithmic lo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import stats as scipy_stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tune  # noqa: E402
 from runlog import Run, final_val_loss, load_runs, parse_log  # noqa: E402
 from stats import loss_slope, steps_equivalent, welch_difference  # noqa: E402
 
@@ -88,21 +89,16 @@ def analyse(runs: Sequence[Run]) -> tuple[dict[tuple[str, str], list[float]], di
 
 
 def study_runs(folder: str) -> tuple[list[Run], dict[str, dict[str, float]]]:
-    """The final-seed runs of a `tune.py --study interaction` folder, and each run spec's tuned values."""
-    with open(os.path.join(folder, "tune.json")) as f:
-        state = json.load(f)
-    finals = state["plan"]["final_seeds"]
-    by_spec: dict[str, list[dict]] = {}
-    for point in state["points"]:
-        by_spec.setdefault(point["run"], []).append(point)
+    """The final-seed runs of a `tune.py --study interaction` folder, and each run spec's tuned values: the winners
+    that tune.py's own replay of the folder finds (what its --report shows)."""
+    try:
+        found = tune.finished_traces(Path(folder))
+    except tune.TuneError as e:
+        raise ValueError(f"{folder}: the study is not finished ({e})") from None
     runs, tuned = [], {}
-    for spec, points in by_spec.items():
-        best = min((p for p in points if p["seed"] == 0 and p["status"] == "ok"), key=lambda p: p["final_val_loss"])
-        chosen = [p for p in points if p["values"] == best["values"] and p["seed"] < finals and p["status"] == "ok"]
-        if len({p["seed"] for p in chosen}) < finals:
-            raise ValueError(f"{folder}: the study is not finished ({spec}: {len(chosen)} of {finals} final seeds)")
-        tuned[spec] = best["values"]
-        runs += [parse_log(os.path.join(folder, p["log"])) for p in chosen]
+    for search, trace in found:
+        tuned[search.spec.label] = trace["best"]
+        runs += [parse_log(os.path.join(folder, p.log)) for p in trace["finals"] if p.status == "ok"]
     return runs, tuned
 
 

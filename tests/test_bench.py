@@ -2,6 +2,7 @@
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -184,36 +185,70 @@ def test_gpu_only_benchmarks_say_so_on_cpu(tool):
 
 
 def test_interaction_of_a_tuned_study(tmp_path, capsys):
-    """A `tune.py --study interaction` folder: each cell's tuned values and final seeds, the interaction, and
-    Muon's gain at each architecture as a loss difference and in steps of AdamW's own slope near the end."""
+    """A tune folder of the four cells, made by tune.py with a fake runner that writes each point's log: the cells
+    are the tune's own winners and final seeds (also where a later round moved two fields to values never run
+    together), the interaction, and Muon's gain at each architecture as a loss difference and in steps of AdamW's
+    own slope near the end; a missing final seed is refused."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from test_results_tools import curve_log
 
+    import sweep
+    import tune
+
     interaction = load_bench("interaction")
-    cells = {("A", True, 0.0): (0.004, 4.0), ("A", False, 30.0): (0.003, 4.2), ("M", True, 0.0): (0.08, 3.9),
-             ("M", False, 30.0): (0.05, 3.7)}
-    rng, points = np.random.default_rng(), []
-    for (baseline, tied, cap), (lr, final) in cells.items():
-        spec = f"{baseline} --tied_embed={str(tied).lower()} --logit_softcap={cap}"
-        for seed in range(3):
-            loss = final + rng.normal(0, 0.01)
-            name = f"{baseline}_{tied}_{seed}.txt"
+    cells = {"A": 4.0, "A --tied_embed=false --logit_softcap=30": 4.2, "M --tied_embed=true --logit_softcap=0": 3.9,
+             "M": 3.7}
+    fields = {"A": ["adam_lr"], "M": ["muon_lr"], "M --tied_embed=true --logit_softcap=0": ["muon_lr", "head_lr"]}
+    searches = tune.make_searches([(spec, fields.get(spec, fields[spec[0]])) for spec in cells], [])
+    rng = np.random.default_rng()
+    optimum, config = {}, {}
+    for s in searches:
+        # the bowl's minimum: the start, but 2^(0.3 to 0.4) off it in each field of the two-field cell (round two
+        # then moves both fields)
+        off = {name: 2 ** (rng.choice((-1, 1)) * rng.uniform(0.3, 0.4)) if len(s.fields) > 1 else 1.0
+               for name in s.fields}
+        optimum[s.spec.label] = {name: s.start[name] * off[name] for name in s.fields}
+        cfg = sweep._script_module(s.spec.script).parse_config(s.spec.args)
+        config[s.spec.label] = dict(baseline=s.spec.label[0], tied_embed=cfg.tied_embed,
+                                    logit_softcap=cfg.logit_softcap)
+
+    def run(points, finished):
+        queue = list(points)
+        while queue:
+            p = queue.pop()
+            loss = cells[p.run] + sum(math.log(p.values[k] / v) ** 2 for k, v in optimum[p.run].items())
+            loss += rng.normal(0, 0.01) if p.seed else 0.0
+            p.log = f"{len(list(tmp_path.glob('*.txt')))}.txt"
             # a straight curve of slope -0.01 per step over its last 40 steps
-            curve_log(tmp_path / name, [(0, 10.8)] + [(s, loss + 0.01 * (40 - s)) for s in (10, 20, 30, 40)],
-                      num_steps=40, baseline=baseline, tied_embed=tied, logit_softcap=cap, seed=seed)
-            points.append(dict(run=spec, values={"lr": lr}, seed=seed, status="ok", final_val_loss=loss, log=name))
-        points.append(dict(run=spec, values={"lr": lr * 2}, seed=0, status="diverged", final_val_loss=None, log=None))
-    (tmp_path / "tune.json").write_text(json.dumps({"plan": {"final_seeds": 3}, "points": points}))
+            curve_log(tmp_path / p.log, [(0, 10.8)] + [(s, loss + 0.01 * (40 - s)) for s in (10, 20, 30, 40)],
+                      num_steps=40, seed=p.seed, **config[p.run])
+            p.status, p.final_val_loss = "ok", loss
+            queue += finished(p)
+        return True
+
+    plan = {"runs": [[s.spec.label, s.fields] for s in searches], "grid": [0.5, 1.0, 2.0], "rounds": 2,
+            "final_seeds": 3, "common_args": []}
+    traces = tune.tune(searches, plan["grid"], 2, 3, tune.State(tmp_path, plan), run, report=lambda line: None)
+    two_fields = traces["M --tied_embed=true --logit_softcap=0"]
+    assert two_fields["search_loss"] is None  # its winner was never run at seed 0
     assert interaction.main(["--study", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "tuned: M --tied_embed=true --logit_softcap=0.0: lr=0.08" in out
+    tuned = ", ".join(f"{k}={v:g}" for k, v in sorted(two_fields["best"].items()))
+    assert f"tuned: M --tied_embed=true --logit_softcap=0: {tuned}" in out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| A's") or
             line.startswith("| M's")}
-    for arch, (adamw, muon) in {"A's architecture (tied, plain logits)": (4.0, 3.9),
-                                "M's architecture (untied, soft-cap 30)": (4.2, 3.7)}.items():
+    def mean_final(spec):  # the winner's final seeds, as logged (4 digits)
+        return np.mean([round(p.final_val_loss, 4) for p in traces[spec]["finals"]])
+
+    for arch, (adamw, muon) in {"A's architecture (tied, plain logits)": ("A", "M --tied_embed=true --logit_softcap=0"),
+                                "M's architecture (untied, soft-cap 30)": ("A --tied_embed=false --logit_softcap=30",
+                                                                           "M")}.items():
         cols = [c.strip() for c in rows[arch].split("|")]
-        assert float(cols[2]) == pytest.approx(muon - adamw, abs=0.05)
-        assert cols[4] == "-0.01 per step" and float(cols[5]) == pytest.approx((adamw - muon) / 0.01, abs=5)
-    (tmp_path / "tune.json").write_text(json.dumps({"plan": {"final_seeds": 4}, "points": points}))
+        gain = mean_final(muon) - mean_final(adamw)
+        assert float(cols[2]) == pytest.approx(gain, abs=1e-4)
+        assert cols[4] == "-0.01 per step" and abs(float(cols[5]) - gain / -0.01) <= 0.501  # printed to a step
+    state = json.loads((tmp_path / "tune.json").read_text())
+    state["points"] = [p for p in state["points"] if not (p["run"] == "M" and p["seed"] == 3)]
+    (tmp_path / "tune.json").write_text(json.dumps(state))
     assert interaction.main(["--study", str(tmp_path)]) == 1
     assert "the study is not finished" in capsys.readouterr().err

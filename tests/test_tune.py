@@ -56,7 +56,7 @@ def test_the_search_ends_within_one_grid_step_of_the_bowls_minimum(tmp_path):
     assert trace["best"]["adam_beta2"] == 0.95
     # momentum-like fields move 1 - value: 0.95 -> 0.975 and 0.9, never past 1
     assert {p.values["adam_beta2"] for p in asked} >= {0.9, 0.975} and max(p.values["adam_beta2"] for p in asked) < 1
-    assert [p.seed for p in trace["finals"]] == [0, 1]
+    assert [p.seed for p in trace["finals"]] == [1, 2]
 
 
 def test_an_optimum_past_the_grid_is_followed_three_steps_and_the_report_says_when_it_lies_further(tmp_path):
@@ -72,8 +72,27 @@ def test_an_optimum_past_the_grid_is_followed_three_steps_and_the_report_says_wh
     runner, asked = bowl({"muon_lr": 0.05 / 64})
     (tmp_path / "far").mkdir()
     trace = tune.tune([search], (0.5, 1, 2), 1, 1, tune.State(tmp_path / "far", {}), runner, report=print)["M"]
-    assert sorted(p.values["muon_lr"] for p in asked) == [0.003125, 0.00625, 0.0125, 0.025, 0.05, 0.1]
+    assert sorted(p.values["muon_lr"] for p in asked if p.seed == 0) == [0.003125, 0.00625, 0.0125, 0.025, 0.05, 0.1]
     assert "edge: muon_lr chose the smallest value tried, 0.003125" in tune.format_report(search, trace)
+
+
+def test_the_final_seeds_are_new_runs_and_the_searchs_own_run_stays_out_of_their_mean(tmp_path):
+    """The search's seed-0 runs are lucky here (0.05 below the bowl, as a search's winner tends to be): the final
+    seeds are 1 .. K, their mean is the bowl's, and the report gives the seed-0 run's loss apart."""
+    rng = np.random.default_rng()
+    (search,) = searches_for(("M", ["muon_lr"]))
+    noise = {seed: rng.normal(0, 0.002) for seed in range(1, 5)}
+
+    def outcome(p):
+        p.status = "ok"
+        p.final_val_loss = 3 + math.log(p.values["muon_lr"] / 0.05) ** 2 + (noise[p.seed] if p.seed else -0.05)
+
+    runner, asked = serial(outcome)
+    trace = tune.tune([search], (0.5, 1, 2), 1, 4, tune.State(tmp_path, {}), runner, report=print)["M"]
+    assert [p.seed for p in trace["finals"]] == [1, 2, 3, 4] and trace["search_loss"] == pytest.approx(2.95)
+    text = tune.format_report(search, trace)
+    assert f"final seeds 1-4: 4 ok, mean {3 + np.mean(list(noise.values())):.4f}" in text
+    assert "the search's own run of these values (seed 0, left out of the mean: picked for being low): 2.9500" in text
 
 
 def test_a_later_round_moves_every_field_at_once(tmp_path):
@@ -101,6 +120,7 @@ def test_a_later_round_moves_every_field_at_once(tmp_path):
         assert all(sum(p.values[k] != search.start[k] for k in search.fields) <= 1 for p in batch)
     assert trace["best"] == {name: search.moved(name, search.start[name], 2 ** (sides[name] / 2))
                              for name in search.fields}
+    assert trace["search_loss"] is None  # the three fields' new values were never run together
 
 
 def test_each_search_moves_on_without_waiting_for_the_others(tmp_path):
@@ -216,7 +236,7 @@ def test_the_report_marks_choices_within_the_seeds_spread_and_draws_the_figure(t
     assert "| muon_lr | 0.05 | 0.05 (3.4805) | 0.025: 3.9609, 0.1: 3.9609 | 0.4805 | no |" in text  # head_lr at 0.22
     assert "| head_lr | 0.22 | 0.44 (3.0000) | 0.22: 3.4805, 0.88: 3.4805 | 0.4805 | no |" in text
     assert "edge:" not in text
-    assert "final seeds: 3 of 3 ok, mean 3.0010, 95% CI 2.9985 to 3.0035, seed-to-seed std 0.0010" in text
+    assert "final seeds 1-3: 3 ok, mean 3.0020, 95% CI 2.9995 to 3.0045, seed-to-seed std 0.0010" in text
     tune.draw(search, trace, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -275,9 +295,9 @@ def test_the_study_has_four_cells_each_searched_from_its_stated_start(capsys, tm
 
 
 def test_a_real_tiny_tune_on_the_cpu(tmp_path, capsys, monkeypatch):
-    """One field, two values, one seed, through sweep.py's machinery and the real script (two runs at once): the
-    lower final loss wins, tune.json holds both points with their wall times, and the same command again runs
-    nothing. (In 4 steps the larger lr wins, and a grid of 0.5 and 1 never goes past its upper edge.)"""
+    """One field, two values, one final seed, through sweep.py's machinery and the real script (two runs at once):
+    the lower final loss wins, tune.json holds the three points with their wall times, and the same command again
+    runs nothing. (In 4 steps the larger lr wins, and a grid of 0.5 and 1 never goes past its upper edge.)"""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     train, val = write_learnable_shards(tmp_path, 30_000, 2_000)
     common = [a for a in tiny_args(train, val, "unused", num_iterations=4, val_loss_every=0, val_tokens=1024,
@@ -287,8 +307,10 @@ def test_a_real_tiny_tune_on_the_cpu(tmp_path, capsys, monkeypatch):
     assert tune.main(argv) == 0
     out = capsys.readouterr().out
     points = json.loads((tmp_path / "out" / "tune.json").read_text())["points"]
-    assert sorted(p["values"]["adam_lr"] for p in points) == [0.005, 0.01] and {p["status"] for p in points} == {"ok"}
-    best = min(points, key=lambda p: p["final_val_loss"])["values"]["adam_lr"]
+    searched = [p for p in points if p["seed"] == 0]
+    assert sorted(p["values"]["adam_lr"] for p in searched) == [0.005, 0.01] and {p["status"] for p in points} == {"ok"}
+    best = min(searched, key=lambda p: p["final_val_loss"])["values"]["adam_lr"]
+    assert [(p["seed"], p["values"]["adam_lr"]) for p in points if p["seed"]] == [(1, best)]  # the final seed
     assert f"| adam_lr | 0.01 | {best:g} (" in out and (tmp_path / "out" / "tune_A_preset-tiny.png").exists()
-    assert out.count("[1/2]") == out.count("[2/2]") == 1 and all(p["wall_s"] > 0 for p in points)
+    assert out.count("[1/2]") == out.count("[2/2]") == out.count("[3/3]") == 1 and all(p["wall_s"] > 0 for p in points)
     assert tune.main(argv) == 0 and "[1/" not in capsys.readouterr().out
