@@ -9,9 +9,10 @@ difference over the slope of AdamW's own validation curves near their end (stats
 
 Each log of train_gpt_A.py (AdamW) or train_gpt_M.py (Muon) falls in a cell by its optimizer and its
 architecture: A's (tied embedding, plain logits) or M's (untied, logit soft-cap 30). Per cell: the runs,
-their mean final validation loss and its 95% t interval. The interaction is how much more Muon gains
-from M's architecture than AdamW does, (Muon@M - Muon@A) - (AdamW@M - AdamW@A): negative means the
-architecture helps Muon more (or hurts it less). Its interval uses the cells' variances (Welch-
+their mean final validation loss and its 95% t interval, and the devices the runs came from (a note
+when they differ: the same seed does not repeat exactly across GPU models). The interaction is how much
+more Muon gains from M's architecture than AdamW does, (Muon@M - Muon@A) - (AdamW@M - AdamW@A): negative
+means the architecture helps Muon more (or hurts it less). Its interval uses the cells' variances (Welch-
 Satterthwaite degrees of freedom); so do the two main effects printed with it. The figure draws each
 optimizer's cells against the architecture, with their intervals (logarithmic loss axis).
 """
@@ -21,6 +22,7 @@ import argparse
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +68,16 @@ def contrast(groups: Sequence[Sequence[float]], weights: Sequence[float]) -> Est
     return Estimate(value, value - half, value + half, df)
 
 
+def counted(run: Run) -> tuple[str, str] | None:
+    """The cell of a run that counts (complete, with a final validation loss), else None."""
+    return cell_of(run) if run.complete and final_val_loss(run) is not None else None
+
+
 def analyse(runs: Sequence[Run]) -> tuple[dict[tuple[str, str], list[float]], dict[str, Estimate]]:
     cells: dict[tuple[str, str], list[float]] = {}
     for run in runs:
-        cell, loss = cell_of(run), final_val_loss(run)
-        if cell is not None and run.complete and loss is not None:
-            cells.setdefault(cell, []).append(loss)
+        if (cell := counted(run)) is not None:
+            cells.setdefault(cell, []).append(final_val_loss(run))
     arch_a, arch_m = ARCHITECTURES.values()
     order = [("AdamW", arch_a), ("AdamW", arch_m), ("Muon", arch_a), ("Muon", arch_m)]
     missing = [c for c in order if len(cells.get(c, [])) < 2]
@@ -120,11 +126,27 @@ def muon_gains(runs: Sequence[Run]) -> list[str]:
     return lines
 
 
-def format_report(cells: dict[tuple[str, str], list[float]], effects: dict[str, Estimate]) -> str:
-    lines = ["| optimizer | architecture | runs | final val loss, mean | 95% CI |", "|---|---|---|---|---|"]
+def devices(runs: Sequence[Run]) -> dict[tuple[str, str], Counter[str]]:
+    """Per cell, the devices its counted runs ran on (their logs' device line) and how many ran on each."""
+    found: dict[tuple[str, str], Counter[str]] = {}
+    for run in runs:
+        if (cell := counted(run)) is not None:
+            found.setdefault(cell, Counter())[run.device or "unknown"] += 1
+    return found
+
+
+def format_report(cells: dict[tuple[str, str], list[float]], effects: dict[str, Estimate],
+                  gpus: dict[tuple[str, str], Counter[str]]) -> str:
+    lines = ["| optimizer | architecture | runs | final val loss, mean | 95% CI | device (runs) |",
+             "|---|---|---|---|---|---|"]
     for (opt, arch), losses in cells.items():
         est = contrast([losses], [1])
-        lines.append(f"| {opt} | {arch} | {len(losses)} | {est.mean:.4f} | {est.lo:.4f} to {est.hi:.4f} |")
+        ran_on = ", ".join(f"{name} ({n})" for name, n in sorted(gpus[(opt, arch)].items()))
+        lines.append(f"| {opt} | {arch} | {len(losses)} | {est.mean:.4f} | {est.lo:.4f} to {est.hi:.4f} | {ran_on} |")
+    kinds = sorted({name for counts in gpus.values() for name in counts})
+    if len(kinds) > 1:
+        lines.append(f"note: the runs come from {len(kinds)} devices ({', '.join(kinds)}); a run does not repeat "
+                     "exactly on another GPU model, so a difference between cells as small as that may be the device's")
     lines += ["", "| effect | estimate | 95% CI | df |", "|---|---|---|---|"]
     lines += [f"| {name} | {e.mean:+.4f} | {e.lo:+.4f} to {e.hi:+.4f} | {e.df:.1f} |" for name, e in effects.items()]
     return "\n".join(lines)
@@ -179,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for spec, values in tuned.items():
         print(f"tuned: {spec}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(values.items())))
-    print(format_report(cells, effects))
+    print(format_report(cells, effects, devices(runs)))
     if args.study:
         print("\n".join(muon_gains(runs)))
     if args.output:

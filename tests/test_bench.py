@@ -176,6 +176,34 @@ def test_interaction_of_a_synthetic_two_by_two(tmp_path):
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_interaction_names_each_cells_devices_and_notes_a_mix(tmp_path, capsys):
+    """Each cell's row names the devices of its runs with their counts; runs from more than one device get a
+    note (the same seed does not repeat across GPU models), runs from one device none."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_results_tools import curve_log
+
+    interaction = load_bench("interaction")
+    rng = np.random.default_rng()
+    cells = [("A", True, 0.0), ("A", False, 30.0), ("M", True, 0.0), ("M", False, 30.0)]
+    for i, (baseline, tied, cap) in enumerate(cells):
+        for seed in range(2):
+            path = curve_log(tmp_path / f"{i}_{seed}.txt", [(0, 11.0), (10, 4 + rng.normal(0, 0.01))], num_steps=10,
+                             baseline=baseline, tied_embed=tied, logit_softcap=cap, seed=seed)
+            device = "NVIDIA H100 80GB HBM3 x1" if (i, seed) == (2, 1) else "NVIDIA H200 x1"
+            path.write_text(path.read_text().replace("device: cpu", f"device: {device}"))
+    logs = [str(p) for p in sorted(tmp_path.glob("*.txt"))]
+    assert interaction.main(logs) == 0
+    out = capsys.readouterr().out
+    muon_a = next(line for line in out.splitlines() if line.startswith("| Muon | A's"))
+    assert muon_a.endswith("| NVIDIA H100 80GB HBM3 x1 (1), NVIDIA H200 x1 (1) |")
+    assert "note: the runs come from 2 devices (NVIDIA H100 80GB HBM3 x1, NVIDIA H200 x1)" in out
+    mixed = tmp_path / "2_1.txt"
+    mixed.write_text(mixed.read_text().replace("device: NVIDIA H100 80GB HBM3 x1", "device: NVIDIA H200 x1"))
+    assert interaction.main(logs) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out and "| NVIDIA H200 x1 (2) |" in out
+
+
 @pytest.mark.parametrize("tool", ["mlp.py", "muon.py", "qk_norm_rope.py"])
 def test_gpu_only_benchmarks_say_so_on_cpu(tool):
     if torch.cuda.is_available():
