@@ -34,7 +34,8 @@ def test_synthetic_shards_are_read_by_the_scripts(tmp_path):
     tokens = np.asarray(A.load_shard(files[0]))
     starts = np.flatnonzero(tokens == synthetic.EOT_TOKEN)
     assert starts[0] == 0 and tokens.max() <= synthetic.EOT_TOKEN
-    assert 450 < np.diff(starts).mean() < 900  # log-normal(6, 1) + 1 has mean ~670
+    # log-normal(6, 1) + 1 has mean ~670; over 3,000 seeds this mean ranged 532 to 937 (std 45, a long right tail)
+    assert 450 < np.diff(starts).mean() < 1100
 
 
 def test_mean_keys_per_query_counts_the_mask():
